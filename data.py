@@ -782,14 +782,18 @@ class ClipDataset:
     def __len__(self) -> int:
         return len(self.clips)
 
-    def item(self, index: int, epoch: int = 0, rho: float = 1.0) -> dict:
+    def item(self, index: int, epoch: int = 0, rho: float = 1.0, with_features: bool = True) -> dict:
+        """One clip rendered and labelled; `with_features=False` skips the frame read (label counting)."""
         clip = self.clips[index]
         rendered = self.renderer.render(clip)
         keep = nfs_keep(rendered.speak_events, rendered.dst_events, rho, self.cfg.train.seed, epoch, clip.index)
         speak, update = head_labels(rendered, keep)
-        features = self.store.features(clip)
         n_images = int((rendered.input_ids == self.renderer.image_id).sum())
-        assert features.shape[0] == n_images, (clip_where(clip), features.shape, n_images)
+        if with_features:
+            features = self.store.features(clip)
+            assert features.shape[0] == n_images, (clip_where(clip), features.shape, n_images)
+        else:
+            features = np.zeros((n_images, 0), dtype=np.float32)
         decision_mask = np.zeros(len(rendered.input_ids), dtype=bool)
         decision_mask[rendered.decision_positions] = True
         return {

@@ -282,16 +282,16 @@ def plan_video(rng: np.random.Generator, video_uid: str, task_index: int) -> Vid
     num_done = int(rng.integers(DONE_FRAMES[0], DONE_FRAMES[1] + 1))
 
     step_frames = []
-    first = num_idle
+    step_start = num_idle
     for duration in durations:
-        step_frames.append((first, first + duration))
-        first += duration
-    num_frames = first + num_done
+        step_frames.append((step_start, step_start + duration))
+        step_start += duration
+    done_frame = step_start  # the first frame after the last step
+    num_frames = done_frame + num_done
     phases = np.zeros(num_frames, dtype=np.int64)
     for step, (first, end) in enumerate(step_frames, start=1):
         phases[first:end] = step
-    phases[first:] = num_steps + 1
-    done_frame = first
+    phases[done_frame:] = num_steps + 1
 
     events: list[Event] = []
 

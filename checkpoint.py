@@ -1,0 +1,211 @@
+"""Checkpoints: atomic write, rotation, resume, and rebuilding a model from a checkpoint directory alone.
+
+A checkpoint `runs/<name>/step_<N>/` holds
+
+    model.safetensors     the tensors needed to rebuild the model (trainable ones; all of them when the
+                          backbone itself was trained or randomly initialised)
+    optimizer.pt          AdamW state (tensors and plain numbers only: loaded with weights_only=True)
+    trainer_state.json    step, epoch, sampler cursor, tokens/frames seen, GradScaler state, best val loss
+    rng_rank<R>.safetensors + rng_rank<R>.json   each rank's torch/CUDA and python/numpy RNG states
+    config.yaml           the resolved config
+    backbone/config.json  the backbone's architecture, so a fully trained model needs no base directory
+    tokenizer files       the tokenizer with the project's special tokens
+
+Rank 0 writes everything into `.tmp_step_<N>`, fsyncs the files and the directory, then renames it to
+`step_<N>`: a crash leaves either the old set of checkpoints or the new one, never a half-written step.
+Loading never unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from config import Config, ConfigError, from_dict, to_yaml
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the directory and what is wrong."""
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume(cfg: Config) -> Optional[Path]:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        checkpoints = list_checkpoints(cfg.run.dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(cfg.train.resume)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={cfg.train.resume}: not a checkpoint directory")
+    return path
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states as (tensors, JSON-able dict)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    plain = {"python": [py_version, list(py_state), py_gauss], "numpy": np_state}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    np.random.set_state(plain["numpy"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for p in sorted([d for d in path.rglob("*") if d.is_dir()] + [path]):
+        _fsync_dir(p)
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, model_tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+    trainer_state: dict, cfg: Config, tokenizer, backbone_config, rng_states: list[tuple[dict, dict]],
+    keep_last: int,
+) -> Path:
+    """Write step_<step> atomically (rank 0 only), then keep the newest `keep_last`. Returns its path."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"step_{step}"
+    tmp = run_dir / f".tmp_step_{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_tensors.items()}, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    for rank, (tensors, plain) in enumerate(rng_states):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng_rank{rank}.safetensors"))
+        (tmp / f"rng_rank{rank}.json").write_text(json.dumps(plain))
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer.save_pretrained(str(tmp))
+    backbone_config.save_pretrained(str(tmp / "backbone"))
+    # trainer_state.json last: its presence inside step_<N> is what a complete checkpoint looks like.
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)  # re-saving the same step (e.g. the final save right after a periodic one)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    rotate(run_dir, keep_last)
+    return final
+
+
+def rotate(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints; the newest is never deleted. Returns the deleted."""
+    if keep_last < 1:
+        raise ValueError("keep_last must be >= 1")
+    checkpoints = list_checkpoints(run_dir)
+    doomed = checkpoints[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def check_complete(ckpt: Path) -> None:
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: not a directory")
+    missing = [f for f in REQUIRED_FILES if not (ckpt / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
+
+
+def read_config(ckpt: str | Path) -> Config:
+    ckpt = Path(ckpt)
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: missing config.yaml (is this a step_<N> directory of a run?)")
+    try:
+        return from_dict(yaml.safe_load(path.read_text()), str(path))
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, device) -> None:
+    state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(state)
+
+
+def load_rng_state(ckpt: Path, rank: int) -> None:
+    tensors_path, plain_path = ckpt / f"rng_rank{rank}.safetensors", ckpt / f"rng_rank{rank}.json"
+    if not tensors_path.is_file():
+        raise CheckpointError(
+            f"{ckpt}: no RNG state for rank {rank} (saved with fewer ranks); resume with the same world size"
+        )
+    set_rng_state(load_file(str(tensors_path)), json.loads(plain_path.read_text()))
+
+
+def load_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    path = ckpt / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: missing model.safetensors")
+    return load_file(str(path))
+
+
+def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, cfg) from a checkpoint directory alone (plus, for lora/frozen runs of a
+    pretrained backbone, the base model directory recorded in its config). Missing or unexpected weights fail."""
+    from data import load_tokenizer
+    from model import build_model, load_model_state
+
+    ckpt = Path(ckpt)
+    check_complete(ckpt)
+    cfg = read_config(ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    saves_backbone = cfg.model.trainable == "full" or cfg.model.init == "scratch"
+    if saves_backbone:
+        # The checkpoint holds every backbone weight: build the architecture from its own config.json.
+        cfg.model.path = str(ckpt / "backbone")
+        cfg.model.init = "scratch"
+    elif not Path(cfg.model.path).is_dir():
+        raise CheckpointError(
+            f"{ckpt}: a {cfg.model.trainable} run needs its base model at model.path={cfg.model.path}, which is missing"
+        )
+    model = build_model(cfg, tokenizer)
+    try:
+        load_model_state(model, load_model_tensors(ckpt), cfg)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{ckpt}/model.safetensors: {err}") from None
+    return model.to(device).eval(), tokenizer, read_config(ckpt)

@@ -1,0 +1,485 @@
+"""Model: HF causal-LM backbone + frame-feature projector + two decision heads (speak, DST update).
+
+    torch.manual_seed(cfg.train.seed)             # seeds projector/heads/LoRA (and the backbone when init=scratch)
+    model = build_model(cfg, tokenizer)           # tokenizer from data.load_tokenizer(cfg.model.path)
+    out = model(input_ids, attention_mask, frame_features, text_mask=..., head_mask=...)
+    out["text_logits"]   # (n_text, V) fp32: LM head at text_mask positions only
+    out["speak_logits"]  # (n_head,) fp32: speak head at head_mask positions
+    out["dst_logits"]    # (n_head,) fp32: DST-update head at head_mask positions
+
+Input embeddings are built here rather than by the backbone: ordinary ids use the backbone's embedding,
+the ids this project adds (<image>, [USER], [DST], [ASST], maybe <pad>) use the small `new_token_embed`
+table (trainable even when the backbone is frozen), and each `<image>` embedding is replaced by the
+projected frame feature. The backbone's decoder then runs on `inputs_embeds`; the LM head is applied
+only to the gathered hidden states that have a text target, so full-sequence logits never exist.
+
+Notes on transformers 5.x used below:
+* `backbone.get_decoder()` is the decoder stack (e.g. `LlamaModel`); calling it returns
+  `last_hidden_state` (after the final norm) without computing logits.
+* The KV cache is `transformers.DynamicCache`; the decoder creates one when `use_cache=True` and none is
+  passed. Position ids are passed explicitly as `past_length + arange(T)`.
+* Activation checkpointing is `activation_checkpointing_enable` (the old `gradient_checkpointing_enable`
+  is a deprecated alias). It checkpoints every `GradientCheckpointingLayer` (each decoder layer) with
+  `torch.utils.checkpoint.checkpoint(use_reentrant=False)`, only while the module is in training mode.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from data import new_token_ids
+
+# Rows of hidden states sent through the LM head at once: bounds the transient (rows, V) activation in the
+# autocast dtype. 1024 x 128k vocab x 2 bytes = 256 MiB.
+LM_HEAD_CHUNK_ROWS = 1024
+
+FROZEN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Config attributes of backbones whose output head does more than `lm_head(hidden)`. Our gathered-position
+# LM head would silently differ from the backbone's logits for them, so they are refused.
+UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale * B(A(dropout(x))), base frozen; B starts at zero so the output is unchanged at init."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"model.lora_rank must be positive, got {rank}")
+        self.base = base
+        self.rank = rank
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        # fp32 whatever the base's storage dtype: trainable weights are always fp32
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default init, as in the LoRA paper's code
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out)
+        return self.base(x) + update * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}"
+
+
+def decision_head(hidden_size: int, head_type: str) -> nn.Module:
+    if head_type == "linear":
+        return nn.Linear(hidden_size, 1)
+    if head_type == "mlp":
+        return nn.Sequential(nn.Linear(hidden_size, hidden_size // 2), nn.GELU(), nn.Linear(hidden_size // 2, 1))
+    raise ValueError(f"model.head_type must be 'linear' or 'mlp', got {head_type!r}")
+
+
+class VideoAssistant(nn.Module):
+    """Backbone LM over [text tokens + projected frame features], with speak and DST-update heads."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, feature_dim: int, head_type: str = "linear"):
+        super().__init__()
+        self.backbone = backbone
+        config = backbone.config.get_text_config()
+        for attr in UNSUPPORTED_LOGIT_TRANSFORMS:
+            if getattr(config, attr, None) not in (None, 1, 1.0):
+                raise ValueError(
+                    f"backbone config sets {attr}={getattr(config, attr)}: the LM head here is a plain "
+                    f"lm_head(hidden) at text positions and would not match the backbone's logits"
+                )
+        if self.decoder is backbone:
+            raise ValueError(f"{type(backbone).__name__} has no separate decoder; expected a *ForCausalLM model")
+
+        embedding = backbone.get_input_embeddings()
+        hidden_size = embedding.embedding_dim
+        embed_rows = embedding.num_embeddings
+        self.hidden_size = hidden_size
+        self.vocab_size = backbone.get_output_embeddings().out_features  # V of text_logits
+
+        added_ids = new_token_ids(tokenizer)
+        added = set(added_ids)
+        highest_ordinary = max(i for i in tokenizer.get_vocab().values() if i not in added)
+        if highest_ordinary >= embed_rows:
+            raise ValueError(
+                f"tokenizer id {highest_ordinary} is outside the backbone's {embed_rows} embedding rows: "
+                f"the tokenizer at model.path does not belong to this model"
+            )
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+
+        # Added ids may lie beyond the embedding matrix (Llama-style tokenizers) or inside it (Qwen pads
+        # its matrix past the tokenizer): a lookup id -> row of new_token_embed (-1 = ordinary id) covers both.
+        # Non-persistent: it is derived from the tokenizer, which the checkpoint directory stores.
+        lookup_size = max(len(tokenizer), embed_rows, max(added_ids) + 1)
+        new_token_row = torch.full((lookup_size,), -1, dtype=torch.long)
+        new_token_row[added_ids] = torch.arange(len(added_ids))
+        self.register_buffer("new_token_row", new_token_row, persistent=False)
+        # Persistent: a checkpoint records which ids its rows belong to, checked on load.
+        self.register_buffer("new_token_ids", torch.tensor(added_ids, dtype=torch.long))
+
+        # Mean of the rows of real tokens: rows of added ids and Qwen's padding rows beyond the tokenizer
+        # were never trained and would pull the mean towards noise.
+        n_known = min(len(tokenizer), embed_rows)
+        existing = torch.ones(n_known, dtype=torch.bool)
+        existing[[i for i in added_ids if i < n_known]] = False
+        mean_row = embedding.weight.detach()[:n_known][existing].float().mean(0)  # (H,)
+        self.new_token_embed = nn.Embedding(len(added_ids), hidden_size, dtype=torch.float32)
+        with torch.no_grad():
+            self.new_token_embed.weight.copy_(mean_row.expand(len(added_ids), hidden_size))
+
+        self.projector = nn.Sequential(
+            nn.Linear(feature_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.speak_head = decision_head(hidden_size, head_type)
+        self.dst_head = decision_head(hidden_size, head_type)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.backbone.get_decoder()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H) fp32 embeddings; added ids read new_token_embed."""
+        new_rows = self.new_token_row[input_ids]  # (B, T), -1 for ordinary ids
+        is_new = new_rows >= 0
+        # Added ids can exceed the backbone's table: look up id 0 there instead; torch.where discards it.
+        ordinary = self.backbone.get_input_embeddings()(input_ids.masked_fill(is_new, 0)).float()  # (B, T, H)
+        added = self.new_token_embed(new_rows.masked_fill(~is_new, 0))  # (B, T, H); row 0 where ordinary, discarded
+        return torch.where(is_new.unsqueeze(-1), added, ordinary)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ) -> dict:
+        """Run the backbone; LM head at text_mask positions, decision heads at head_mask positions.
+
+        input_ids (B, T); attention_mask (B, past + T) with 1 = real token, or None (no padding);
+        frame_features (N, F), one row per <image> id in row-major (b, t) order; text_mask, head_mask (B, T)
+        bool over the new positions (None = no positions). past_key_values: a DynamicCache holding `past`
+        earlier positions (streaming, B = 1). Returns text_logits (n_text, V), speak_logits and dst_logits
+        (n_head,), all fp32 and in row-major (b, t) order, plus past_key_values when use_cache.
+        """
+        B, T = input_ids.shape
+        no_positions = torch.zeros_like(input_ids, dtype=torch.bool)
+        text_mask = no_positions if text_mask is None else text_mask.bool()
+        head_mask = no_positions if head_mask is None else head_mask.bool()
+        for name, mask in (("text_mask", text_mask), ("head_mask", head_mask)):
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past_length + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {past_length + T}): "
+                f"it covers the {past_length} cached positions and the {T} new ones"
+            )
+
+        image_mask = input_ids == self.image_token_id  # (B, T)
+        # The one host sync of a forward: gathering rows needs their counts, and checking the image count
+        # needs it on the host too. Done up front, so nothing queued on the device waits behind it later.
+        n_image, n_text, n_head = torch.stack([image_mask.sum(), text_mask.sum(), head_mask.sum()]).tolist()
+        n_features = 0 if frame_features is None else frame_features.shape[0]
+        if n_image != n_features:
+            raise ValueError(
+                f"the batch has {n_image} <image> tokens but frame_features has {n_features} rows; "
+                f"there must be one feature row per <image> token, in (batch, position) order"
+            )
+
+        inputs_embeds = self.embed(input_ids)  # (B, T, H) fp32
+        if n_image > 0:
+            projected = self.projector(frame_features.to(self.projector[0].weight.dtype))  # (N, H)
+            # masked_scatter fills the masked (b, t) slots in row-major order with consecutive rows
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), projected.to(inputs_embeds.dtype))
+
+        position_ids = (past_length + torch.arange(T, device=input_ids.device)).unsqueeze(0).expand(B, T)
+        decoder_out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        hidden = decoder_out.last_hidden_state.reshape(B * T, -1)  # (B*T, H), after the final norm
+
+        # nonzero_static with the counts from above: no second sync
+        text_rows = torch.nonzero_static(text_mask.reshape(-1), size=n_text).squeeze(1)  # (n_text,)
+        head_rows = torch.nonzero_static(head_mask.reshape(-1), size=n_head).squeeze(1)  # (n_head,)
+
+        lm_head = self.backbone.get_output_embeddings()
+        text_hidden = hidden.index_select(0, text_rows)  # (n_text, H)
+        text_logits = torch.cat(
+            [lm_head(chunk).float() for chunk in text_hidden.split(LM_HEAD_CHUNK_ROWS)]
+        )  # (n_text, V)
+
+        # The heads are fp32 and run outside autocast: their logits feed a BCE whose positives can be rare,
+        # where half-precision rounding of a logit matters.
+        head_hidden = hidden.index_select(0, head_rows).float()  # (n_head, H)
+        with torch.autocast(device_type=head_hidden.device.type, enabled=False):
+            speak_logits = self.speak_head(head_hidden).squeeze(-1)  # (n_head,)
+            dst_logits = self.dst_head(head_hidden).squeeze(-1)  # (n_head,)
+
+        out = {"text_logits": text_logits, "speak_logits": speak_logits, "dst_logits": dst_logits}
+        if use_cache:
+            out["past_key_values"] = decoder_out.past_key_values
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building
+
+
+def build_model(cfg, tokenizer) -> VideoAssistant:
+    """The model described by cfg.model, with trainable parts, frozen dtype and activation checkpointing set.
+
+    init=pretrained loads weights from cfg.model.path; init=scratch builds random weights from its
+    config.json. The caller seeds first (torch.manual_seed(cfg.train.seed)): the projector, heads and LoRA
+    A matrices, and with init=scratch the whole backbone, are drawn from the global RNG.
+    """
+    path = cfg.model.path
+    if cfg.model.init == "pretrained":
+        backbone = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
+        )
+    elif cfg.model.init == "scratch":
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        backbone = AutoModelForCausalLM.from_config(
+            config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
+        )
+    else:
+        raise ValueError(f"model.init must be 'pretrained' or 'scratch', got {cfg.model.init!r}")
+    return assemble(backbone, tokenizer, cfg)
+
+
+def build_model_from_config_dict(config_dict: dict, tokenizer, cfg) -> VideoAssistant:
+    """Random-weight model from a config dict with a `model_type` key (tests, benchmarks); seed first."""
+    config_dict = dict(config_dict)
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    backbone = AutoModelForCausalLM.from_config(
+        config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
+    )
+    return assemble(backbone, tokenizer, cfg)
+
+
+def assemble(backbone: nn.Module, tokenizer, cfg) -> VideoAssistant:
+    """Wrap a loaded fp32 backbone: heads and projector, LoRA, trainable set, frozen dtype, checkpointing."""
+    model = VideoAssistant(backbone, tokenizer, cfg.data.feature_dim, cfg.model.head_type)
+    if cfg.model.trainable == "lora":
+        add_lora(model, cfg.model.lora_targets, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout)
+    set_trainable(model, cfg.model.trainable)
+    cast_frozen(model, FROZEN_DTYPES[cfg.model.frozen_dtype])
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    return model
+
+
+def add_lora(model: VideoAssistant, targets: list[str], rank: int, alpha: float, dropout: float) -> int:
+    """Replace the decoder's nn.Linear layers named in `targets` by LoRALinear; returns how many."""
+    replaced = 0
+    found_targets = set()
+    for module in list(model.decoder.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+                found_targets.add(name)
+                replaced += 1
+    missing = sorted(set(targets) - found_targets)
+    if missing:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.decoder.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"model.lora_targets {missing} match no nn.Linear in the decoder; its Linear layers are named {linear_names}"
+        )
+    return replaced
+
+
+def is_trainable_name(name: str, trainable: str) -> bool:
+    """Whether parameter/buffer `name` trains under model.trainable; also decides what a checkpoint holds."""
+    if trainable == "full":
+        return True
+    if not name.startswith("backbone."):  # projector, heads, new_token_embed
+        return True
+    if trainable == "lora":
+        return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+    if trainable == "frozen":
+        return False
+    raise ValueError(f"model.trainable must be 'full', 'lora' or 'frozen', got {trainable!r}")
+
+
+def set_trainable(model: VideoAssistant, trainable: str) -> None:
+    if trainable == "lora" and not any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model.trainable=lora but the model has no LoRA layers (call add_lora first)")
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable_name(name, trainable))
+
+
+def cast_frozen(model: VideoAssistant, dtype: torch.dtype) -> None:
+    """Store frozen floating-point weights in `dtype`; trainable weights stay fp32 (checked).
+
+    Half-precision frozen weights need autocast in the forward (train.precision fp16/bf16): without it an
+    fp32 activation meets a half weight and the matmul fails.
+    """
+    for param in model.parameters():  # tied weights appear once; assigning .data keeps them tied
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
+    wrong = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if wrong:
+        raise RuntimeError(f"trainable parameters must be fp32 (AdamW states follow them); not fp32: {wrong}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+
+def set_activation_checkpointing(model: VideoAssistant, enabled: bool) -> None:
+    """Recompute each decoder layer in backward (non-reentrant), or stop doing so. Acts in training mode only."""
+    backbone = model.backbone
+    if enabled:
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also hooks the input embedding so its output requires grad, a need of *reentrant*
+        # checkpointing only; we build inputs_embeds ourselves and must not force grads through a frozen table.
+        backbone.disable_input_require_grads()
+    else:
+        backbone.activation_checkpointing_disable()
+    if activation_checkpointing_active(model) != enabled:
+        raise RuntimeError(f"activation checkpointing could not be {'enabled' if enabled else 'disabled'}")
+
+
+def activation_checkpointing_active(model: VideoAssistant) -> bool:
+    """True when every decoder layer is set to non-reentrant checkpointing (it then applies in train mode)."""
+    layers = [m for m in model.backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise RuntimeError(f"{type(model.backbone).__name__} has no GradientCheckpointingLayer decoder layers")
+
+    def non_reentrant(layer) -> bool:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        return getattr(func, "keywords", {}).get("use_reentrant") is False
+
+    return all(layer.gradient_checkpointing and non_reentrant(layer) for layer in layers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer groups, checkpoints, accounting
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices; none on biases, norm weights, embedding tables (incl. tied lm_head)."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():  # deduplicated: a tied lm_head is the embedding table
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_weights:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def checkpoint_names(model: VideoAssistant, cfg) -> list[str]:
+    """State-dict names a checkpoint holds: the trainable parts always, and the whole backbone when it cannot
+    be rebuilt from model.path: when it was trained (trainable=full) or randomly initialised (init=scratch).
+
+    A tied lm_head.weight is the embedding table under a second name: only the first name is kept
+    (safetensors refuses shared storage), and loading the embedding restores both.
+    """
+    whole_backbone = cfg.model.trainable == "full" or cfg.model.init == "scratch"
+    all_params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied_aliases = all_params - {name for name, _ in model.named_parameters()}
+    state_names = model.state_dict(keep_vars=True).keys()
+    return [
+        n for n in state_names
+        if n not in tied_aliases and (whole_backbone or is_trainable_name(n, cfg.model.trainable))
+    ]
+
+
+def model_state_for_checkpoint(model: VideoAssistant, cfg) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors for safetensors.save_file (see checkpoint_names for which).
+
+    On CPU they alias the live weights: save them before the next optimizer step.
+    """
+    state = model.state_dict(keep_vars=True)
+    return {name: state[name].detach().to("cpu").contiguous() for name in checkpoint_names(model, cfg)}
+
+
+def load_model_state(model: VideoAssistant, tensors: dict[str, torch.Tensor], cfg) -> None:
+    """Load a checkpoint's tensors; refuses missing or unexpected names, and new-token ids that differ."""
+    expected = checkpoint_names(model, cfg)
+    missing = sorted(set(expected) - tensors.keys())
+    unexpected = sorted(tensors.keys() - set(expected))
+    if missing or unexpected:
+
+        def listing(names: list[str]) -> str:
+            shown = ", ".join(names[:20])
+            return f"{len(names)} [{shown}{', ...' if len(names) > 20 else ''}]"
+
+        raise ValueError(
+            f"checkpoint tensors do not match a model.trainable={cfg.model.trainable}, "
+            f"model.init={cfg.model.init} model: missing {listing(missing)}; unexpected {listing(unexpected)}. "
+            f"Was it saved with another model.trainable, model.init, model.lora_targets, model.head_type or backbone?"
+        )
+    saved_ids = tensors["new_token_ids"].tolist()
+    if saved_ids != model.new_token_ids.tolist():
+        raise ValueError(
+            f"checkpoint's new-token ids {saved_ids} differ from this tokenizer's {model.new_token_ids.tolist()}: "
+            f"load the tokenizer saved with the checkpoint"
+        )
+    # strict=False because a lora/frozen checkpoint of a pretrained backbone deliberately lacks the frozen
+    # backbone (it comes from model.path); completeness against the expected names was checked above.
+    model.load_state_dict(tensors, strict=False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def describe(model: VideoAssistant) -> str:
+    """Startup-log table: trainable / total parameters and storage dtypes per part."""
+    parts: dict[str, list[nn.Parameter]] = {}
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if name.endswith(("lora_A", "lora_B")):
+            part = "lora"
+        else:
+            part = name.split(".", 1)[0]
+        parts.setdefault(part, []).append(param)
+    lines = []
+    for part, params in parts.items():
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        dtypes = ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
+        lines.append(f"  {part:<16} trainable {trainable:>14,} / {total:>14,}  {dtypes}")
+    trainable, total = count_parameters(model)
+    lines.append(f"  {'total':<16} trainable {trainable:>14,} / {total:>14,}  ({100 * trainable / total:.2f}%)")
+    state = "on (non-reentrant, per decoder layer)" if activation_checkpointing_active(model) else "off"
+    lines.append(f"  activation checkpointing: {state}")
+    return "model parameters:\n" + "\n".join(lines)
+
+
+def flops_per_token(model: VideoAssistant, seq_len: int) -> float:
+    """Training FLOPs per token, for MFU: 6 * N + 12 * n_layers * d_attn * seq_len.
+
+    N: parameters of the decoder stack that run at every position (attention, MLP, norms, LoRA adapters);
+    the input embedding is a lookup and is excluded. The LM head (runs only at text-target positions),
+    projector (image positions) and heads (decision positions) are left out too, so MFU errs low.
+    6 = 2 forward + 4 backward FLOPs per parameter per token (the PaLM/nanoGPT convention; it is kept for
+    lora/frozen runs although frozen weights get no weight gradient).
+    Attention: QK^T and AV are 2 matmuls of 2 * d_attn * seq_len FLOPs each per token forward, x3 for
+    forward + backward = 12 * n_layers * d_attn * seq_len, with d_attn = heads * head_dim (= hidden for
+    most models) and no discount for the causal mask (PaLM appendix B).
+    """
+    config = model.backbone.config.get_text_config()
+    decoder_params = {id(p): p.numel() for p in model.decoder.parameters()}
+    decoder_params.pop(id(model.backbone.get_input_embeddings().weight), None)
+    n_per_token = sum(decoder_params.values())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d_attn = config.num_attention_heads * head_dim
+    return 6 * n_per_token + 12 * config.num_hidden_layers * d_attn * seq_len

@@ -1,0 +1,557 @@
+"""Tests for model.py on a tiny random Llama (CPU, fp32): input embeddings (new-token rows, projected frame
+features), LM head only at text positions, KV-cache streaming == one full forward, LoRA, trainable sets,
+activation checkpointing proven on, checkpoint tensors round trip, optimizer groups, fp32 heads."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat modules live in the repo root
+
+import model as model_module  # noqa: E402
+from config import Config  # noqa: E402
+from data import load_tokenizer, new_token_ids  # noqa: E402
+from model import (  # noqa: E402
+    LoRALinear,
+    activation_checkpointing_active,
+    add_lora,
+    build_model,
+    build_model_from_config_dict,
+    checkpoint_names,
+    count_parameters,
+    describe,
+    flops_per_token,
+    load_model_state,
+    model_state_for_checkpoint,
+    param_groups,
+    set_activation_checkpointing,
+)
+
+FEATURE_DIM = 16
+HIDDEN, LAYERS = 64, 2
+SENTENCES = [
+    "you are a helpful assistant",
+    "attach the wheels to the chassis",
+    "now pick up the screwdriver and screw it",
+    "S1 -> complete , S2 -> start",
+]
+# One clip in the §4.4 layout, as tokens: frames of 2 <image> tokens, a user turn, a DST and an ASST block.
+CLIP = (
+    "<s> you are a helpful assistant "
+    "<image> <image> "
+    "<image> <image> [USER] now pick up the screwdriver </s> "
+    "[DST] S1 -> complete , S2 -> start </s> [ASST] attach the wheels to the chassis </s> "
+    "<image> <image> "
+    "<image> <image> [ASST] screw it </s>"
+).split()
+SHORT_CLIP = "<s> a helpful assistant <image> <image> [ASST] attach the wheels </s> <image> <image>".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tokenizer directory (WordLevel, <s> </s> <unk>, no pad) with a tiny Llama config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out = tmp_path_factory.mktemp("tiny_llama")
+    fast.save_pretrained(str(out))
+    LlamaConfig(**llama_dict(len(fast))).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def base_vocab(tokenizer) -> int:
+    """Number of the tokenizer's own ids (before the project's additions)."""
+    return min(new_token_ids(tokenizer))
+
+
+def llama_dict(vocab_size: int, tied: bool = False) -> dict:
+    return dict(
+        model_type="llama", vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=128,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tied,
+    )
+
+
+def make_cfg(**model_fields) -> Config:
+    cfg = Config()
+    cfg.data.feature_dim = FEATURE_DIM
+    cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout = 4, 8.0, 0.0
+    cfg.train.activation_checkpointing = False
+    for key, value in model_fields.items():
+        setattr(cfg.model, key, value)
+    return cfg
+
+
+def tiny_model(tokenizer, base_vocab, seed=0, vocab_size=None, tied=False, **model_fields):
+    torch.manual_seed(seed)
+    cfg = make_cfg(**model_fields)
+    return build_model_from_config_dict(llama_dict(vocab_size or base_vocab, tied), tokenizer, cfg).eval()
+
+
+def ids_of(tokenizer, words: list[str]) -> torch.Tensor:
+    ids = tokenizer.convert_tokens_to_ids(words)
+    assert tokenizer.unk_token_id not in ids, words
+    return torch.tensor(ids)
+
+
+def make_batch(tokenizer, clips=(CLIP, SHORT_CLIP), seed=0) -> dict[str, torch.Tensor]:
+    """Right-padded batch with frame features, text_mask on real non-image positions, head_mask on frames."""
+    rows = [ids_of(tokenizer, clip) for clip in clips]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row)] = row
+        attention_mask[b, : len(row)] = 1
+    image_mask = input_ids == tokenizer.convert_tokens_to_ids("<image>")
+    real = attention_mask.bool()
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": input_ids,  # (B, T)
+        "attention_mask": attention_mask,  # (B, T)
+        "frame_features": torch.randn(int(image_mask.sum()), FEATURE_DIM, generator=generator),  # (N, F)
+        "text_mask": real & ~image_mask,  # (B, T)
+        "head_mask": real & image_mask,  # (B, T): some positions; which ones is data.py's business
+    }
+
+
+def all_positions(batch: dict) -> dict:
+    """The batch with text and head masks on every real position (per-position outputs)."""
+    real = batch["attention_mask"].bool()
+    return {**batch, "text_mask": real, "head_mask": real}
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+NEW_PARTS = {
+    "projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias",
+    "speak_head.weight", "speak_head.bias", "dst_head.weight", "dst_head.bias", "new_token_embed.weight",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input embeddings
+
+
+@pytest.mark.parametrize("layout", ["beyond", "inside"])
+def test_new_token_rows_start_at_mean_and_train_when_frozen(tokenizer, base_vocab, layout):
+    # beyond: added ids >= the embedding size (Llama-style); inside: the matrix is padded past the tokenizer (Qwen)
+    vocab_size = base_vocab if layout == "beyond" else len(tokenizer) + 9
+    model = tiny_model(tokenizer, base_vocab, vocab_size=vocab_size, trainable="frozen")
+    table = model.backbone.get_input_embeddings().weight
+    added = new_token_ids(tokenizer)
+    assert (min(added) >= table.shape[0]) == (layout == "beyond")
+
+    expected = table[:base_vocab].float().mean(0)  # the tokenizer's own rows only, never padding rows
+    assert torch.allclose(model.new_token_embed.weight, expected.expand(len(added), -1), atol=1e-6)
+    assert model.new_token_embed.weight.requires_grad and not table.requires_grad
+
+    # added ids read the extra table, ordinary ids the backbone's
+    ids = torch.tensor([[3, *added]])
+    embeds = model.embed(ids)  # (1, 1 + n_added, H)
+    assert torch.equal(embeds[0, 0], table[3])
+    assert torch.equal(embeds[0, 1:], model.new_token_embed.weight)
+
+    # and they receive gradients in frozen mode
+    model.train()
+    out = model(**make_batch(tokenizer))
+    (out["text_logits"].logsumexp(-1).sum() + out["speak_logits"].sum()).backward()
+    used = [model.new_token_row[tokenizer.convert_tokens_to_ids(t)] for t in ("[USER]", "[DST]", "[ASST]")]
+    assert all(model.new_token_embed.weight.grad[row].abs().sum() > 0 for row in used)
+
+
+def test_projected_features_replace_image_embeddings_in_order(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab)
+    batch = make_batch(tokenizer)
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"]
+
+    handle = model.decoder.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+        projected = model.projector(batch["frame_features"])  # (N, H)
+        token_embeds = model.embed(batch["input_ids"])  # (B, T, H)
+    handle.remove()
+    image_mask = batch["input_ids"] == model.image_token_id
+    assert torch.equal(captured["inputs_embeds"][image_mask], projected)
+    assert torch.equal(captured["inputs_embeds"][~image_mask], token_embeds[~image_mask])
+
+
+def test_changing_a_frame_feature_changes_only_later_outputs(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab)
+    batch = all_positions(make_batch(tokenizer, clips=(CLIP,)))
+    image_positions = (batch["input_ids"][0] == model.image_token_id).nonzero().squeeze(1)
+    changed_row = 3
+    position = int(image_positions[changed_row])
+    changed = dict(batch, frame_features=batch["frame_features"].clone())
+    changed["frame_features"][changed_row] += 1.0
+    with torch.no_grad():
+        before, after = model(**batch), model(**changed)
+    for key in ("text_logits", "speak_logits", "dst_logits"):  # one row per position here
+        old, new = before[key], after[key]
+        assert torch.allclose(old[:position], new[:position], atol=1e-6), key
+        differs = (old[position:] != new[position:]).reshape(len(old) - position, -1).any(-1)
+        assert differs.all(), key
+
+
+def test_image_count_mismatch_is_refused(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab)
+    batch = make_batch(tokenizer)
+    with pytest.raises(ValueError, match=r"12 <image> tokens but frame_features has 11 rows"):
+        model(**dict(batch, frame_features=batch["frame_features"][:-1]))
+    with pytest.raises(ValueError, match=r"frame_features has 0 rows"):
+        model(**dict(batch, frame_features=None))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LM head and decision heads
+
+
+def test_lm_head_runs_on_exactly_the_text_positions_in_chunks(tokenizer, base_vocab, monkeypatch):
+    model = tiny_model(tokenizer, base_vocab)
+    batch = make_batch(tokenizer)
+    n_text = int(batch["text_mask"].sum())
+    rows_seen = []
+    model.backbone.get_output_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        whole = model(**batch)
+        monkeypatch.setattr(model_module, "LM_HEAD_CHUNK_ROWS", 7)
+        chunked = model(**batch)
+    assert rows_seen[0] == n_text
+    assert rows_seen[1:] == [7] * (n_text // 7) + ([n_text % 7] if n_text % 7 else [])
+    assert whole["text_logits"].shape == (n_text, model.vocab_size)
+    assert whole["text_logits"].dtype == torch.float32
+    assert torch.allclose(whole["text_logits"], chunked["text_logits"], atol=1e-6)  # other matmul blocking
+    assert whole["speak_logits"].shape == whole["dst_logits"].shape == (int(batch["head_mask"].sum()),)
+
+    rows_seen.clear()  # no text positions: the LM head sees zero rows, the output is (0, V)
+    with torch.no_grad():
+        empty = model(**dict(batch, text_mask=None))
+    assert rows_seen == [0] and empty["text_logits"].shape == (0, model.vocab_size)
+
+
+def test_text_logits_equal_the_backbones_logits(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab)
+    words = [CLIP[1:6], "attach the wheels to the chassis </s> now pick".split()]
+    T = max(len(w) for w in words)
+    # padded with an ordinary id (eos) so that no added id is involved; the padding is masked out anyway
+    input_ids = torch.full((2, T), tokenizer.eos_token_id)
+    attention_mask = torch.zeros(2, T, dtype=torch.long)
+    for b, w in enumerate(words):
+        input_ids[b, : len(w)] = ids_of(tokenizer, w)
+        attention_mask[b, : len(w)] = 1
+    text_mask = attention_mask.bool()
+    text_mask[1, 2] = False  # a gap, so the gather is not a prefix
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask, text_mask=text_mask)["text_logits"]
+        reference = model.backbone(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    assert torch.allclose(ours, reference[text_mask], atol=1e-5)
+
+
+def test_heads_are_fp32_under_bf16_autocast(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab, head_type="mlp")
+    dtypes = []
+    for head in (model.speak_head, model.dst_head):
+        head.register_forward_hook(lambda m, args, out: dtypes.append((args[0].dtype, out.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**make_batch(tokenizer))
+    assert dtypes == [(torch.float32, torch.float32)] * 2
+    assert all(out[k].dtype == torch.float32 for k in ("text_logits", "speak_logits", "dst_logits"))
+    assert all(p.dtype == torch.float32 for p in [*model.speak_head.parameters(), *model.dst_head.parameters()])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming with the KV cache
+
+
+def test_streaming_with_kv_cache_equals_one_full_forward(tokenizer, base_vocab):
+    from transformers import DynamicCache
+
+    model = tiny_model(tokenizer, base_vocab)
+    batch = all_positions(make_batch(tokenizer, clips=(CLIP,)))
+    input_ids, features = batch["input_ids"], batch["frame_features"]
+    with torch.no_grad():
+        full = model(**batch)
+
+    cuts = [0, 6, 7, 8, 11, 19, input_ids.shape[1]]  # pieces of several sizes, including single tokens
+    pieces, cache, used_features = [], None, 0
+    with torch.no_grad():
+        for start, end in zip(cuts[:-1], cuts[1:]):
+            piece = input_ids[:, start:end]
+            n_images = int((piece == model.image_token_id).sum())
+            everything = torch.ones_like(piece, dtype=torch.bool)
+            # alternate between no attention mask and one covering cached + new positions
+            mask = None if start % 2 else torch.ones(1, end, dtype=torch.long)
+            out = model(piece, mask, features[used_features : used_features + n_images],
+                        text_mask=everything, head_mask=everything, past_key_values=cache, use_cache=True)
+            cache, used_features = out["past_key_values"], used_features + n_images
+            assert isinstance(cache, DynamicCache) and cache.get_seq_length() == end
+            pieces.append(out)
+    for key in ("text_logits", "speak_logits", "dst_logits"):
+        streamed = torch.cat([p[key] for p in pieces])
+        assert (streamed - full[key]).abs().max() < 1e-4, key
+
+
+def test_attention_mask_must_cover_the_cache(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab)
+    ids = ids_of(tokenizer, CLIP[:4]).unsqueeze(0)
+    with torch.no_grad():
+        cache = model(ids[:, :2], use_cache=True)["past_key_values"]
+        with pytest.raises(ValueError, match=r"expected \(1, 4\)"):
+            model(ids[:, 2:], torch.ones(1, 2, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What trains: LoRA, frozen, dtypes
+
+
+def test_lora_starts_as_the_base_model_and_trains_exactly_its_adapters(tokenizer, base_vocab):
+    full = tiny_model(tokenizer, base_vocab, seed=3)
+    lora = tiny_model(tokenizer, base_vocab, seed=3, trainable="lora", lora_dropout=0.1)
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        expected, got = full(**batch), lora(**batch)
+    for key in ("text_logits", "speak_logits", "dst_logits"):
+        assert torch.allclose(expected[key], got[key], atol=1e-6), key
+
+    targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    adapters = {f"backbone.model.layers.{i}.{t}.lora_{ab}" for i in range(LAYERS) for t in targets for ab in "AB"}
+    assert trainable_names(lora) == NEW_PARTS | adapters
+    lora_layer = lora.backbone.model.layers[0].self_attn.q_proj
+    assert isinstance(lora_layer, LoRALinear) and lora_layer.scale == 8.0 / 4
+    assert torch.equal(lora_layer.lora_B, torch.zeros_like(lora_layer.lora_B))
+
+    with torch.no_grad():  # the adapter is wired in: a non-zero B changes the output
+        lora_layer.lora_B.normal_()
+        assert not torch.allclose(lora(**batch)["text_logits"], got["text_logits"])
+
+
+def test_lora_target_that_matches_nothing_is_refused(tokenizer, base_vocab):
+    with pytest.raises(ValueError, match=r"\['qproj'\] match no nn.Linear.*q_proj"):
+        tiny_model(tokenizer, base_vocab, trainable="lora", lora_targets=["qproj", "v_proj"])
+
+
+def test_frozen_trains_projector_heads_and_new_rows_only(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab, trainable="frozen")
+    assert trainable_names(model) == NEW_PARTS
+    assert count_parameters(model)[0] == sum(p.numel() for n, p in model.named_parameters() if n in NEW_PARTS)
+    full = tiny_model(tokenizer, base_vocab)
+    assert trainable_names(full) == {name for name, _ in full.named_parameters()}
+
+
+def test_half_precision_frozen_weights_keep_trainable_weights_fp32(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab, trainable="lora", frozen_dtype="bf16").train()
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**make_batch(tokenizer))
+    (out["text_logits"].logsumexp(-1).sum() + out["speak_logits"].sum()).backward()
+    lora_B = model.backbone.model.layers[0].mlp.down_proj.lora_B
+    assert lora_B.grad is not None and lora_B.grad.dtype == torch.float32 and lora_B.grad.abs().sum() > 0
+    assert "bfloat16" in describe(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+
+def training_step(model, batch, seed=0):
+    """Forward + backward in train mode; returns (MLP calls per layer, saved tensors, grads by name)."""
+    calls = [0] * LAYERS
+    # A pre-hook, counting entries: non-reentrant checkpointing stops a recompute as soon as the last tensor
+    # backward needs is recomputed (early stop), so a post-hook on the layer's last module may never fire.
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model.backbone.model.layers)]
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += 1
+        return tensor
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same LoRA dropout masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**batch)
+    calls_after_forward = list(calls)
+    (out["text_logits"].logsumexp(-1).mean() + out["speak_logits"].sum() + out["dst_logits"].sum()).backward()
+    for hook in hooks:
+        hook.remove()
+    assert calls_after_forward == [1] * LAYERS
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return calls, saved, grads
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora", "frozen"])
+def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(tokenizer, base_vocab, trainable):
+    model = tiny_model(tokenizer, base_vocab, trainable=trainable, lora_dropout=0.1)
+    batch = make_batch(tokenizer)
+    assert not activation_checkpointing_active(model)
+    calls_off, saved_off, grads_off = training_step(model, batch)
+
+    set_activation_checkpointing(model, True)
+    assert activation_checkpointing_active(model)
+    assert "activation checkpointing: on" in describe(model)
+    calls_on, saved_on, grads_on = training_step(model, batch)
+
+    assert calls_off == [1] * LAYERS  # each decoder layer ran once
+    assert calls_on == [2] * LAYERS  # ... and again in backward: the layers really are recomputed
+    assert saved_on < saved_off / 2  # inside the layers nothing is kept for backward
+    assert grads_on.keys() == grads_off.keys() == trainable_names(model)
+    for name in grads_off:
+        assert torch.allclose(grads_on[name], grads_off[name], atol=1e-6, rtol=1e-5), name
+
+    set_activation_checkpointing(model, False)
+    assert not activation_checkpointing_active(model)
+    assert training_step(model, batch)[0] == [1] * LAYERS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint tensors
+
+
+def perturb_trainable(model, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_checkpoint_tensors_rebuild_identical_outputs(tokenizer, base_vocab, tmp_path, trainable):
+    from safetensors.torch import load_file, save_file
+
+    # the pretrained base directory a lora run reloads its frozen backbone from
+    torch.manual_seed(11)
+    base = build_model_from_config_dict(llama_dict(base_vocab, tied=True), tokenizer, make_cfg())
+    base.backbone.save_pretrained(str(tmp_path / "base"))
+    cfg = make_cfg(trainable=trainable, init="pretrained", path=str(tmp_path / "base"))
+
+    torch.manual_seed(0)
+    trained = build_model(cfg, tokenizer).eval()
+    perturb_trainable(trained)
+    tensors = model_state_for_checkpoint(trained, cfg)
+    names = set(tensors)
+    assert "backbone.lm_head.weight" not in names  # tied to the embedding: saved once, under its name
+    if trainable == "full":
+        assert "backbone.model.embed_tokens.weight" in names and "backbone.model.layers.1.mlp.up_proj.weight" in names
+    else:
+        assert names == NEW_PARTS | {"new_token_ids"} | {n for n in names if n.endswith(("lora_A", "lora_B"))}
+        assert len(names) == len(NEW_PARTS) + 1 + 2 * 7 * LAYERS
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+
+    # full: a random backbone of another seed, everything comes from the checkpoint
+    fresh_cfg = make_cfg(trainable=trainable, init="scratch" if trainable == "full" else "pretrained",
+                         path=str(tmp_path / "base"))
+    torch.manual_seed(1)
+    fresh = build_model(fresh_cfg, tokenizer).eval()
+    load_model_state(fresh, load_file(str(tmp_path / "model.safetensors")), fresh_cfg)
+    assert fresh.backbone.lm_head.weight is fresh.backbone.model.embed_tokens.weight  # still tied
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        expected, got = trained(**batch), fresh(**batch)
+    for key in ("text_logits", "speak_logits", "dst_logits"):
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_scratch_backbone_is_saved_even_when_frozen(tokenizer, base_vocab):
+    # a random frozen backbone cannot be reloaded from model.path, so it goes into the checkpoint
+    model = tiny_model(tokenizer, base_vocab, trainable="frozen", init="scratch")
+    names = checkpoint_names(model, make_cfg(trainable="frozen", init="scratch"))
+    assert "backbone.model.layers.0.self_attn.q_proj.weight" in names
+    assert not any("layers" in n for n in checkpoint_names(model, make_cfg(trainable="frozen", init="pretrained")))
+
+
+def test_checkpoint_with_missing_or_extra_tensors_is_refused(tokenizer, base_vocab):
+    cfg = make_cfg(trainable="lora", init="pretrained")
+    model = tiny_model(tokenizer, base_vocab, trainable="lora")
+    tensors = model_state_for_checkpoint(model, cfg)
+    del tensors["speak_head.bias"]
+    tensors["backbone.model.norm.weight"] = torch.ones(HIDDEN)
+    with pytest.raises(ValueError, match=r"missing 1 \[speak_head.bias\]; unexpected 1 \[backbone.model.norm.weight\]"):
+        load_model_state(model, tensors, cfg)
+
+    # a lora checkpoint loaded as a full run: the whole backbone is missing and the adapters are unexpected
+    full_cfg = make_cfg(trainable="full")
+    with pytest.raises(ValueError, match=r"missing 21 \[backbone.lm_head.weight, backbone.model.embed_tokens.weight"):
+        load_model_state(tiny_model(tokenizer, base_vocab), model_state_for_checkpoint(model, cfg), full_cfg)
+
+    tensors = model_state_for_checkpoint(model, cfg)
+    tensors["new_token_ids"] = tensors["new_token_ids"] + 1
+    with pytest.raises(ValueError, match="new-token ids"):
+        load_model_state(model, tensors, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer groups and accounting
+
+
+def test_param_groups_exclude_biases_norms_and_embeddings_from_decay(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab, head_type="mlp")
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {name_of[id(p)] for p in decay["params"]}
+    no_decay_names = {name_of[id(p)] for p in no_decay["params"]}
+    assert decay_names.isdisjoint(no_decay_names)
+    assert decay_names | no_decay_names == set(name_of.values())
+    for name in ("backbone.model.embed_tokens.weight", "new_token_embed.weight", "backbone.model.norm.weight",
+                 "backbone.model.layers.0.input_layernorm.weight", "projector.0.bias", "speak_head.2.bias",
+                 "dst_head.0.bias"):
+        assert name in no_decay_names, name
+    for name in ("backbone.model.layers.0.self_attn.q_proj.weight", "backbone.lm_head.weight",
+                 "projector.2.weight", "speak_head.0.weight", "dst_head.2.weight"):
+        assert name in decay_names, name
+
+    frozen = tiny_model(tokenizer, base_vocab, trainable="frozen")
+    groups = param_groups(frozen, 0.1)
+    assert sum(p.numel() for g in groups for p in g["params"]) == count_parameters(frozen)[0]
+    torch.optim.AdamW(groups, lr=1e-3)  # accepted as is
+
+
+def test_flops_per_token_and_parameter_counts(tokenizer, base_vocab):
+    model = tiny_model(tokenizer, base_vocab)
+    decoder_params = sum(p.numel() for p in model.backbone.model.parameters())
+    non_embedding = decoder_params - model.backbone.model.embed_tokens.weight.numel()
+    assert flops_per_token(model, 100) == 6 * non_embedding + 12 * LAYERS * HIDDEN * 100
+    trainable, total = count_parameters(model)
+    assert trainable == total == sum(p.numel() for p in model.parameters())
+    assert "projector" in describe(model) and "new_token_embed" in describe(model)
+
+
+def test_build_model_scratch_uses_the_seed_and_pretrained_loads_weights(tokenizer, base_vocab, model_dir, tmp_path):
+    cfg = make_cfg(init="scratch", path=str(model_dir))
+    torch.manual_seed(5)
+    first = build_model(cfg, tokenizer)
+    torch.manual_seed(5)
+    second = build_model(cfg, tokenizer)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    first.backbone.save_pretrained(str(tmp_path))
+    loaded = build_model(make_cfg(init="pretrained", path=str(tmp_path)), tokenizer)
+    assert loaded.backbone.config._attn_implementation == "sdpa"
+    for (name, a), b in zip(first.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
+        assert torch.equal(a, b), name

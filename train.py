@@ -1,0 +1,510 @@
+"""Train the proactive, state-tracking video assistant.
+
+    python train.py configs/demo.yaml                          # one process (CPU or one GPU)
+    python train.py configs/demo.yaml train.max_steps=50       # dotted key=value overrides
+    torchrun --nproc_per_node=2 train.py configs/base.yaml     # DDP: NCCL on GPUs, gloo on CPU
+    ./run_2gpu.sh configs/base.yaml                            # the same with the NCCL/OMP settings
+
+Re-running the same command resumes from the newest complete checkpoint in the run directory
+(train.resume=auto). The file reads top to bottom: setup, model, data, optimizer, the loop, the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import losses
+from checkpoint import (
+    find_resume, load_model_tensors, load_optimizer_state, load_rng_state, read_trainer_state, rng_state,
+    save_checkpoint,
+)
+from config import Config, ConfigError, OptimConfig, load_config, to_yaml
+from data import IGNORE, ClipDataset, ClipBatchSampler, Collator, DataError, collate, load_tokenizer, rho_at
+from model import (
+    activation_checkpointing_active, build_model, describe, flops_per_token, load_model_state,
+    model_state_for_checkpoint, param_groups, set_activation_checkpointing,
+)
+
+# Dense peak FLOP/s per device name fragment, by compute dtype. Unknown devices report no MFU rather than a
+# wrong one. Titan RTX: 130 TFLOPS fp16 tensor cores with fp32 accumulate (no bf16 tensor cores).
+PEAK_FLOPS = {
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12},
+    "TITAN RTX": {torch.float16: 130e12, torch.float32: 16.3e12},
+    "RTX 6000": {torch.float16: 130e12, torch.float32: 16.3e12},
+    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12},
+}
+
+
+PART_KEYS = ("loss", "asst_ce", "dst_ce", "speak_bce", "dst_bce")  # the logged loss components
+HIST_BINS = 1000  # probability bins for the validation AUROC (all-reducible histograms)
+
+# ----------------------------------------------------------------------------------------------------
+# Small pure helpers the loop calls
+
+
+def choose_precision(requested: str, device_type: str, capability: Optional[tuple[int, int]]) -> tuple[torch.dtype, bool, str]:
+    """(autocast dtype, use GradScaler, reason). bf16 only on compute capability >= 8.0: Turing (7.5)
+    reports bf16 as "supported" through slow emulation, so torch.cuda.is_bf16_supported() is not used."""
+    if requested == "auto":
+        if device_type != "cuda":
+            return torch.float32, False, "auto: no GPU, fp32"
+        if capability is not None and capability >= (8, 0):
+            return torch.bfloat16, False, f"auto: compute capability {capability[0]}.{capability[1]} >= 8.0 has bf16 tensor cores"
+        cc = f"{capability[0]}.{capability[1]}" if capability else "unknown"
+        return torch.float16, True, f"auto: compute capability {cc} < 8.0 has no native bf16; fp16 with a GradScaler"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested]
+    use_scaler = dtype == torch.float16 and device_type == "cuda"
+    return dtype, use_scaler, f"train.precision={requested}" + (" with a GradScaler" if use_scaler else "")
+
+
+def get_lr(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warmup to optim.lr, then cosine down to optim.lr * min_lr_ratio at max_steps."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    floor = optim.lr * optim.min_lr_ratio
+    progress = min((step - optim.warmup_steps) / max(max_steps - optim.warmup_steps, 1), 1.0)
+    return floor + 0.5 * (optim.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for fragment, table in PEAK_FLOPS.items():
+        if fragment in name:
+            return table.get(dtype)
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def model_inputs(batch: dict, all_frames: bool = False) -> dict:
+    """The model's view of a batch: which positions need LM logits and which need head logits."""
+    text_mask = (batch["asst_targets"] != IGNORE) | (batch["dst_targets"] != IGNORE)
+    head_mask = batch["decision_mask"] if all_frames else (batch["speak_labels"] != IGNORE) | (batch["dst_labels"] != IGNORE)
+    return dict(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], frame_features=batch["frame_features"],
+        text_mask=text_mask, head_mask=head_mask,
+    )
+
+
+def all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: losses at rho = 1 and per-head decision quality, from counts all-reduced over ranks
+
+
+@torch.no_grad()
+def evaluate_loss(model, dataset: ClipDataset, cfg: Config, device, dtype, rank: int, world_size: int) -> dict:
+    """Globally normalised validation losses (every frame labelled) and per-head P/R/F1 at 0.5 and AUROC."""
+    model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])[rank::world_size]
+    mb = cfg.train.micro_batch
+    batches = [order[i:i + mb] for i in range(0, len(order), mb)]
+    if cfg.train.eval_max_batches:
+        batches = batches[:cfg.train.eval_max_batches]
+    pad_id = dataset.renderer.pad_id
+    # Pass 1: target counts from the labels alone (no features read), so the losses are global means.
+    counts = torch.zeros(len(losses.COUNT_KEYS), dtype=torch.float64, device=device)
+    for indices in batches:
+        labels_only = collate([dataset.item(i, with_features=False) for i in indices], pad_id)
+        counts += losses.count_targets(to_device(labels_only, device))
+    all_reduce(counts, world_size)
+    parts_sum = torch.zeros(len(PART_KEYS), dtype=torch.float64, device=device)
+    hists = {h: torch.zeros(2, HIST_BINS, dtype=torch.float64, device=device) for h in ("speak", "dst")}
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for indices in batches:
+        batch = to_device(collate([dataset.item(i) for i in indices], pad_id), device)
+        inputs = model_inputs(batch)
+        with autocast:
+            outputs = model(**inputs)
+        _, parts = losses.compute_loss(outputs, batch, counts, cfg.loss)
+        parts_sum += torch.stack([parts[k].double() for k in PART_KEYS])
+        head_mask = inputs["head_mask"]
+        hists["speak"] += losses.head_histograms(outputs["speak_logits"], batch["speak_labels"][head_mask], HIST_BINS)
+        hists["dst"] += losses.head_histograms(outputs["dst_logits"], batch["dst_labels"][head_mask], HIST_BINS)
+    # Every rank runs the same collectives, also one that had no validation batch.
+    all_reduce(parts_sum, world_size)
+    for h in hists.values():
+        all_reduce(h, world_size)
+    model.train()
+    result = dict(zip(PART_KEYS, parts_sum.tolist()))
+    result.update({k: int(v) for k, v in zip(losses.COUNT_KEYS, counts.tolist())})
+    for head, hist in hists.items():
+        result[head] = losses.head_scores(hist, threshold=0.5)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """Rank 0: a fixed-shape line per log interval (via tqdm.write), the same fields in metrics.jsonl,
+    and TensorBoard scalars when asked for and installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("train.tensorboard=true but tensorboard is not installed; logging to metrics.jsonl only")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, record: dict, line: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(line)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            for head in ("speak", "dst"):
+                for key, value in (record.get(head) or {}).items():
+                    if isinstance(value, (int, float)):
+                        self.tb.add_scalar(f"{record['kind']}/{head}_{key}", value, record["step"])
+
+
+def format_train_line(r: dict) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    return (
+        f"step {r['step']:>6} | loss {r['loss']:.4f} | asst {r['asst_ce']:.4f} dst {r['dst_ce']:.4f} "
+        f"speak {r['speak_bce']:.4f} upd {r['dst_bce']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | "
+        f"tok/s {r['tokens_per_s']:.0f} | fr/s {r['frames_per_s']:.1f} | mfu {mfu} | mem {r['peak_mem_gb']:.2f}GB | "
+        f"tgt asst {r['n_asst']} dst {r['n_dst']} speak +{r['n_speak_pos']}/-{r['n_speak_neg']} "
+        f"upd +{r['n_dst_pos']}/-{r['n_dst_neg']} | skipped {r['skipped_steps']}"
+    )
+
+
+def format_val_line(step: int, v: dict) -> str:
+    def head(h: dict) -> str:
+        auroc = f"{h['auroc']:.3f}" if h["auroc"] is not None else "-"
+        return f"P {h['precision']:.3f} R {h['recall']:.3f} F1 {h['f1']:.3f} AUROC {auroc}"
+    return (
+        f"val  {step:>6} | loss {v['loss']:.4f} | asst {v['asst_ce']:.4f} dst {v['dst_ce']:.4f} "
+        f"speak {v['speak_bce']:.4f} upd {v['dst_bce']:.4f} | speak {head(v['speak'])} | dst {head(v['dst'])}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device). torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 0, 1, device
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, local_rank, world_size, device
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training as configured. Returns a summary (final step, last losses, checkpoint)."""
+    rank, local_rank, world_size, device = setup_distributed()
+    master = rank == 0
+    run_dir = Path(cfg.run.dir)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    dtype, use_scaler, precision_reason = choose_precision(cfg.train.precision, device.type, capability)
+    resume_from = find_resume(cfg)
+
+    # -- model: the same initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
+    model = build_model(cfg, tokenizer).to(device)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    if cfg.train.activation_checkpointing and not activation_checkpointing_active(model):
+        raise RuntimeError("train.activation_checkpointing=true but the model reports it inactive")
+
+    # -- data
+    train_set = ClipDataset(cfg, "train", tokenizer)
+    val_set = ClipDataset(cfg, "val", tokenizer) if cfg.train.eval_every else None
+    accum = cfg.train.grad_accum
+    sampler = ClipBatchSampler(
+        train_set.lengths, cfg.train.micro_batch, rank, world_size, cfg.train.seed, cfg.data.length_grouping,
+    )
+
+    def rho_for(epoch: int, cursor: int) -> float:
+        # The NFS rate of a micro-batch follows from its position in the data stream, not from the loop's
+        # step counter: loader prefetching must not change which rho a batch gets (exact resume).
+        micro_step = epoch * sampler.batches_per_epoch + cursor
+        return rho_at(cfg, micro_step // accum)
+
+    sampler.rho_fn = rho_for
+
+    # -- optimizer: trainable weights and AdamW states are fp32 whatever the compute precision
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trainable), "trainable parameters must be fp32"
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps, fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    # -- resume: weights, optimizer, loop state; RNG last, right before the loop
+    state = {"step": 0, "epoch": 0, "cursor": 0, "tokens_seen": 0, "frames_seen": 0, "best_val_loss": None,
+             "skipped_steps": 0}
+    if resume_from is not None:
+        load_model_state(model, load_model_tensors(resume_from), cfg)
+        load_optimizer_state(resume_from, optimizer, device)
+        saved = read_trainer_state(resume_from)
+        if saved["world_size"] * saved["micro_batch"] * saved["grad_accum"] != world_size * cfg.train.micro_batch * accum:
+            raise ConfigError(
+                f"{resume_from}: saved with global batch {saved['world_size']}x{saved['micro_batch']}x{saved['grad_accum']}, "
+                f"now {world_size}x{cfg.train.micro_batch}x{accum}; resume with the same batch arithmetic or train.resume=never"
+            )
+        state.update({k: saved[k] for k in state})
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        sampler.start(state["epoch"], state["cursor"])
+
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    raw_model = model.module if world_size > 1 else model
+
+    loader = DataLoader(
+        train_set, batch_sampler=sampler, collate_fn=Collator(train_set.renderer.pad_id),
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        # A private generator: worker seeding must not consume the global RNG, or a resumed run would
+        # draw different dropout masks from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+
+    # -- startup report
+    if master:
+        print(to_yaml(cfg), end="")
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        print(f"precision: {dtype} ({precision_reason})")
+        print(f"activation checkpointing: {'on' if activation_checkpointing_active(raw_model) else 'off'}")
+        print(describe(raw_model))
+        global_clips = cfg.train.micro_batch * accum * world_size
+        print(
+            f"batch: {cfg.train.micro_batch} clip(s) per micro-batch x {accum} accumulation step(s) x {world_size} "
+            f"rank(s) = {global_clips} clips per optimizer step (tokens and frames per step are logged as they run)"
+        )
+        print(f"data: {len(train_set)} train clips ({len(train_set.dropped)} dropped as over-length), "
+              f"{sampler.batches_per_epoch} micro-batches per rank per epoch; "
+              f"{len(val_set) if val_set else 0} val clips")
+        if resume_from is not None:
+            print(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, cursor {state['cursor']})")
+    if state["step"] >= cfg.train.max_steps:
+        if master:
+            print(f"nothing to do: step {state['step']} >= train.max_steps={cfg.train.max_steps}")
+        if world_size > 1:
+            dist.destroy_process_group()
+        return {"step": state["step"], "checkpoint": str(resume_from) if resume_from else None}
+
+    logger = Logger(run_dir, master, cfg.train.tensorboard)
+    peak = peak_flops(device, dtype)
+    mean_len = sum(train_set.lengths) / len(train_set.lengths)
+    flops_token = flops_per_token(raw_model, int(mean_len))
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # Resume puts the RNG exactly where the interrupted run had it (dropout masks continue identically).
+    if resume_from is not None:
+        load_rng_state(resume_from, rank)
+    else:
+        torch.manual_seed(cfg.train.seed + 1000 * rank)  # different dropout masks per rank
+
+    batches = iter(loader)
+    bar = tqdm(total=cfg.train.max_steps, initial=state["step"], disable=not master, desc="train", dynamic_ncols=True)
+    # On-device accumulators between log lines: no host sync until the log interval.
+    window_parts = torch.zeros(len(PART_KEYS), dtype=torch.float64, device=device)
+    window_counts = torch.zeros(len(losses.COUNT_KEYS), dtype=torch.float64, device=device)
+    window_io = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, frames
+    window_norm = torch.zeros((), dtype=torch.float64, device=device)
+    window_steps, window_good, window_start = 0, 0, time.perf_counter()
+    bad_in_a_row = 0
+    last_record: dict = {}
+    last_ckpt: Optional[Path] = None
+    model.train()
+
+    while state["step"] < cfg.train.max_steps:
+        step = state["step"]
+        lr = get_lr(step, cfg.optim, cfg.train.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Fetch the step's micro-batches first: the losses are normalised by the step's global target counts.
+        micro_batches = [to_device(next(batches), device) for _ in range(accum)]
+        counts = torch.stack([losses.count_targets(mb) for mb in micro_batches]).sum(0)
+        all_reduce(counts, world_size)
+        step_parts = torch.zeros(len(PART_KEYS), dtype=torch.float64, device=device)
+        for i, mb in enumerate(micro_batches):
+            # Gradients are all-reduced only on the last micro-step; the others accumulate locally.
+            sync = i == accum - 1 or world_size == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with autocast:
+                    outputs = model(**model_inputs(mb))
+                loss, parts = losses.compute_loss(outputs, mb, counts, cfg.loss)
+                # DDP averages gradients over ranks; the loss is already a global mean, so undo the average.
+                scaler.scale(loss * world_size).backward()
+            step_parts += torch.stack([parts[k].double() for k in PART_KEYS])
+            window_io += torch.stack([mb["attention_mask"].sum(), mb["decision_mask"].sum()]).double()
+        state["epoch"], state["cursor"] = micro_batches[-1]["epoch"], micro_batches[-1]["cursor"]
+
+        scaler.unscale_(optimizer)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        # One host sync per optimizer step: a skipped step must not touch weights or optimizer state, and
+        # that decision needs the host. (With fp16 the GradScaler makes the same sync for overflows, which it
+        # handles itself: those are routine and not counted as bad steps.)
+        step_loss_global = all_reduce(step_parts[0].clone(), world_size)
+        bad = not bool(torch.isfinite(step_loss_global)) or (not use_scaler and not bool(torch.isfinite(grad_norm)))
+        if bad:
+            bad_in_a_row += 1
+            state["skipped_steps"] += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient; step skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
+                    f"step {step}: lower optim.lr, check the data with `python data.py validate`, or try fp32"
+                )
+            if use_scaler:
+                scaler.update()
+        else:
+            bad_in_a_row = 0
+            scaler.step(optimizer)
+            scaler.update()
+            window_parts += step_parts
+            # fp16 overflow steps (skipped by the GradScaler) would put inf into the mean.
+            window_norm += torch.where(torch.isfinite(grad_norm), grad_norm, 0).double()
+            window_good += 1
+        optimizer.zero_grad(set_to_none=True)
+        window_counts += counts
+        window_steps += 1
+        state["step"] = step + 1
+        bar.update(1)
+
+        # -- diagnostics (the only host syncs besides the finite check). A log line also closes every
+        # checkpoint interval, so a resumed run logs the same windows as an uninterrupted one.
+        done = state["step"] >= cfg.train.max_steps
+        saving = state["step"] % cfg.train.save_every == 0 or done
+        if state["step"] % cfg.train.log_every == 0 or saving:
+            # Each rank's parts are its share of the global mean (normalised by global counts): sum them.
+            all_reduce(window_parts, world_size)
+            all_reduce(window_io, world_size)
+            elapsed = time.perf_counter() - window_start
+            good = max(window_good, 1)
+            parts_mean = (window_parts / good).tolist()
+            tokens, frames = window_io.tolist()
+            counts_list = [round(c / window_steps) for c in window_counts.tolist()]  # global targets per step
+            state["tokens_seen"] += int(tokens)
+            state["frames_seen"] += int(frames)
+            tokens_per_s = tokens / elapsed
+            record = {
+                "kind": "train", "step": state["step"], **dict(zip(PART_KEYS, parts_mean)),
+                **{f"n_{k}": c for k, c in zip(losses.COUNT_KEYS, counts_list)},
+                "lr": lr, "grad_norm": float(window_norm) / good, "tokens_per_s": tokens_per_s,
+                "frames_per_s": frames / elapsed,
+                "mfu": (tokens_per_s * flops_token / (peak * world_size)) if peak else None,
+                "peak_mem_gb": peak_memory_gb(device), "rho": rho_at(cfg, step), "epoch": state["epoch"],
+                "skipped_steps": state["skipped_steps"],
+            }
+            logger.write(record, format_train_line(record))
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            last_record = record
+            window_parts.zero_(); window_counts.zero_(); window_io.zero_(); window_norm.zero_()
+            window_steps, window_good, window_start = 0, 0, time.perf_counter()
+
+        if val_set is not None and (state["step"] % cfg.train.eval_every == 0 or done):
+            val = evaluate_loss(raw_model, val_set, cfg, device, dtype, rank, world_size)
+            if state["best_val_loss"] is None or val["loss"] < state["best_val_loss"]:
+                state["best_val_loss"] = val["loss"]
+            logger.write({"kind": "val", "step": state["step"], **val}, format_val_line(state["step"], val))
+            last_record = {**last_record, "val": val}
+
+        if saving:
+            last_ckpt = save(cfg, run_dir, raw_model, optimizer, scaler, state, tokenizer, world_size, rank,
+                             cfg.train.micro_batch, accum)
+    bar.close()
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"step": state["step"], "checkpoint": str(last_ckpt) if last_ckpt else None, "last": last_record}
+
+
+def save(cfg, run_dir, model, optimizer, scaler, state, tokenizer, world_size, rank, micro_batch, accum) -> Path:
+    """Gather every rank's RNG state, let rank 0 write the checkpoint, and wait for it."""
+    local = rng_state()
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    path = Path(run_dir) / f"step_{state['step']}"
+    if rank == 0:
+        trainer_state = {
+            **state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "world_size": world_size, "micro_batch": micro_batch, "grad_accum": accum,
+        }
+        path = save_checkpoint(
+            run_dir, state["step"], model_state_for_checkpoint(model, cfg), optimizer, trainer_state, cfg,
+            tokenizer, model.backbone.config, gathered, cfg.train.keep_last,
+        )
+        tqdm.write(f"saved {path}")
+    if world_size > 1:
+        dist.barrier()
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="run config YAML (e.g. configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200 optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
