@@ -361,6 +361,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, clips: list[dict], o
         parts, grads = run_step(model, batches, global_counts, scale=ddp_loss_scale(world_size))
         if rank == 0:
             torch.save({"counts": global_counts, "grads": grads}, out_file)
+        dist.barrier()  # tearing gloo down while the other rank still talks to it can abort the process
     finally:
         dist.destroy_process_group()
 
