@@ -68,6 +68,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
         tensors["cuda"] = torch.cuda.get_rng_state()
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
     plain = {"python": [py_version, list(py_state), py_gauss], "numpy": np_state}
     return tensors, plain
 
@@ -78,7 +79,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
     version, state, gauss = plain["python"]
     random.setstate((version, tuple(state), gauss))
-    np.random.set_state(plain["numpy"])
+    np_state = plain["numpy"]
+    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
 
 
 def _fsync_dir(path: Path) -> None:

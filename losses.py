@@ -14,7 +14,7 @@ and ranks gives the global mean. The training loop must therefore follow these t
 2. Normalise by the global counts: `loss, parts = compute_loss(outputs, batch, global_counts, cfg.loss)`
    for every micro-batch, and backpropagate every micro-batch's loss (no division by grad_accum).
 3. Undo DDP's averaging: DDP AVERAGES gradients over ranks (divides their sum by world_size), but the
-   global mean needs their SUM, so backpropagate `loss * world_size` (`ddp_loss_scale(world_size)`).
+   global mean needs their SUM, so backpropagate `loss * world_size` (`loss * ddp_loss_scale()`).
 
     micro_batches = [to_device(next(batches)) for _ in range(cfg.train.grad_accum)]
     global_counts = global_target_counts(micro_batches)            # (6,) int64, identical on all ranks
@@ -22,7 +22,7 @@ and ranks gives the global mean. The training loop must therefore follow these t
         sync = i == len(micro_batches) - 1
         with (nullcontext() if sync else model.no_sync()):
             loss, parts = compute_loss(model(batch), batch, global_counts, cfg.loss)
-            scaler.scale(loss * ddp_loss_scale(world_size)).backward()
+            scaler.scale(loss * ddp_loss_scale()).backward()      # world_size: undo DDP's mean
 
 `parts` are detached and additive like the loss: summing them over this rank's micro-batches gives this
 rank's share of the step's global means, and an all-reduce SUM of those shares gives the global means to
@@ -88,10 +88,13 @@ def global_target_counts(micro_batches: Sequence[dict[str, torch.Tensor]]) -> to
     return counts
 
 
-def ddp_loss_scale(world_size: int) -> int:
-    """Factor to multiply the loss by before `backward()`: DDP averages gradients over ranks, the
-    global normalisation needs their sum. 1 without DDP."""
-    return world_size
+def ddp_loss_scale() -> int:
+    """Factor to multiply the loss by before `backward()`: the world size (1 without a process group).
+
+    DDP AVERAGES gradients over ranks, i.e. divides their sum by world_size, while each rank's loss is
+    already its share of the global mean, so the gradient of the global mean is the plain SUM.
+    """
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _select(values: torch.Tensor, mask: torch.Tensor, num_selected: int) -> torch.Tensor:

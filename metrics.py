@@ -79,7 +79,7 @@ DATASET_WINDOWS = {
 
 
 def window_for_dataset(name: str) -> tuple[tuple[int, int], bool]:
-    """Return ((l, r), known) for a dataset name.
+    """Return ((l, r), known) for a dataset name; frames of the 2 fps frame index.
 
     An unknown name gets DEFAULT_WINDOW with known=False; the caller logs the warning (a silent
     default would make metrics of a new dataset look comparable when they are not).
@@ -137,7 +137,8 @@ def speaking_metrics(
 ) -> dict:
     """The `speak` block of metrics.json (SPEC §9.4) for a list of videos.
 
-    Each video is {"num_frames": N, "pred": [(frame, text), ...], "ref": [(frame, text), ...]}.
+    Each video is {"num_frames": N, "pred": [(frame, text), ...], "ref": [(frame, text), ...]},
+    optionally with its own "window" (videos of several datasets in one split).
     See match_speaking for the matching and summarize_speaking for the definitions.
     """
     return summarize_speaking(match_speaking(videos, embed, window, zero_cost_quirk), fps)
@@ -152,8 +153,9 @@ def match_speaking(
     """Match generated talk to reference talk in each video, ProAssist's way (SPEC §9.3).
 
     One talk per frame: several predictions (or references) at one frame are one turn, their
-    texts joined with a space, as the sequence layout joins assistant turns (SPEC §4.4). Every
-    prediction counts as talk, even an empty text: the speak head fired.
+    texts joined with a space, as the sequence layout joins assistant turns (SPEC §4.4). A text
+    that is empty or blank is silence, as in ProAssist (whose no-talk marker is ""): the head
+    fired but nothing was said, which decision_metrics scores, not this matching.
 
     Each generated talk i is a row; the columns are all N frames. Cost of (i, j) = match cost
     (1 - |cos| between the texts if frame j has reference talk, 1 if it is silent) + distance cost
@@ -164,27 +166,28 @@ def match_speaking(
     costs, so an exact-zero cost is not an edge and a perfect prediction is scored as redundant
     plus missed. By default ZERO_COST_SHIFT keeps those entries.
 
-    All texts that meet within a window are embedded in one call to `embed`.
+    A video's own "window" entry, if any, replaces `window` for that video. All texts that meet
+    within a window are embedded in one call to `embed`.
     """
-    window = _check_window(window)
-    videos_by_frame = []
+    talk_by_video = []
     for index, video in enumerate(videos):
         num_frames = _num_frames(video, index)
+        video_window = _check_window(video.get("window", window))
         gen = _texts_by_frame(_field(video, "pred", index), num_frames, f"video {index} pred")
         ref = _texts_by_frame(_field(video, "ref", index), num_frames, f"video {index} ref")
-        videos_by_frame.append((num_frames, gen, ref))
+        talk_by_video.append((num_frames, video_window, gen, ref))
 
     text_pairs = {
         (gen[i], ref[j])
-        for num_frames, gen, ref in videos_by_frame
+        for num_frames, video_window, gen, ref in talk_by_video
         for i in gen
-        for j in _window_columns(i, window, num_frames)
+        for j in _window_columns(i, video_window, num_frames)
         if j in ref
     }
     abs_cosines = _abs_cosines(sorted(text_pairs), embed)
     return [
-        _match_video(index, num_frames, gen, ref, abs_cosines, window, zero_cost_quirk)
-        for index, (num_frames, gen, ref) in enumerate(videos_by_frame)
+        _match_video(index, num_frames, gen, ref, abs_cosines, video_window, zero_cost_quirk)
+        for index, (num_frames, video_window, gen, ref) in enumerate(talk_by_video)
     ]
 
 
@@ -338,13 +341,14 @@ def _abs_cosines(
 
 
 def _texts_by_frame(entries: Sequence, num_frames: int, where: str) -> dict[int, str]:
-    """{frame: text}, sorted by frame, several texts at one frame joined with a space."""
+    """{frame: text} of the talk, sorted by frame, texts at one frame joined with a space."""
     texts: dict[int, list[str]] = {}
     for frame, text in entries:
         frame = _check_frame(frame, num_frames, where)
         if not isinstance(text, str):
             raise TypeError(f"{where}: text at frame {frame} is {type(text).__name__}, not str")
-        texts.setdefault(frame, []).append(text)
+        if text.strip():
+            texts.setdefault(frame, []).append(text)
     return {frame: " ".join(parts) for frame, parts in sorted(texts.items())}
 
 
@@ -603,9 +607,10 @@ def dst_metrics(videos: Sequence[dict], window: tuple[int, int] = DEFAULT_WINDOW
 
     Each video is {"num_frames": N, "pred": [(frame, step_id, transition), ...], "ref": [...],
     "pred_states": [[state per step] per frame], "ref_states": [...]} and optionally
-    "num_invalid" (unparsable or illegal generated updates) and "num_generated" (generated
-    updates). A transition is an item (step_id, transition) at a frame; items repeated at one
-    frame count as many times as they appear.
+    "num_invalid" (unparsable or illegal generated updates), "num_generated" (generated
+    updates) and its own "window" (replacing `window` for that video). A transition is an item
+    (step_id, transition) at a frame; items repeated at one frame count as many times as they
+    appear.
 
     * precision/recall/F1: predicted items are matched one-to-one to equal reference items with
       l <= j - i <= r (i predicted frame, j reference frame), as many as possible and then with
@@ -615,19 +620,19 @@ def dst_metrics(videos: Sequence[dict], window: tuple[int, int] = DEFAULT_WINDOW
       without steps has no state to track and adds no frames.
     * invalid_rate: sum of num_invalid / sum of num_generated.
     """
-    window = _check_window(window)
     num_pred = num_ref = num_matched = 0
     num_state_frames = num_joint_correct = 0
     state_accuracy_sum = 0.0
     num_invalid = num_generated = 0
     for index, video in enumerate(videos):
         num_frames = _num_frames(video, index)
+        video_window = _check_window(video.get("window", window))
         pred_items = _transitions_by_item(video, "pred", index, num_frames)
         ref_items = _transitions_by_item(video, "ref", index, num_frames)
         num_pred += sum(len(frames) for frames in pred_items.values())
         num_ref += sum(len(frames) for frames in ref_items.values())
         for item in pred_items.keys() & ref_items.keys():
-            num_matched += _count_window_matches(pred_items[item], ref_items[item], window)
+            num_matched += _count_window_matches(pred_items[item], ref_items[item], video_window)
 
         pred_states = _state_matrix(video, "pred_states", index, num_frames)
         ref_states = _state_matrix(video, "ref_states", index, num_frames)
@@ -768,6 +773,15 @@ class SentenceEmbedder:
                 f"{path} is not an encoder directory (no config.json): pass a directory with "
                 "an HF encoder's config, tokenizer and weights"
             )
+        pooling_config = path / "1_Pooling" / "config.json"
+        if pooling_config.is_file() and not json.loads(pooling_config.read_text()).get(
+            "pooling_mode_mean_tokens", False
+        ):
+            raise ValueError(
+                f"{pooling_config}: this encoder was trained with another pooling than the mean "
+                "over tokens, so its mean-pooled embeddings would be wrong; choose a mean-pooled "
+                "encoder (all-MiniLM-L6-v2, all-mpnet-base-v2)"
+            )
         self.name = name or str(path)
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -878,10 +892,11 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
-def _check_window(window: tuple[int, int]) -> tuple[int, int]:
-    left, right = window
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in window):
+def _check_window(window: Sequence[int]) -> tuple[int, int]:
+    is_integer = [isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in window]
+    if len(window) != 2 or not all(is_integer):
         raise TypeError(f"window must be two integers (frames), got {window!r}")
+    left, right = window
     if not left <= 0 <= right or left == right:
         raise ValueError(f"window (l, r) must have l <= 0 <= r and l < r, got {window!r}")
     return int(left), int(right)

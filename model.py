@@ -120,11 +120,14 @@ class VideoAssistant(nn.Module):
         self.register_buffer("new_token_ids", torch.tensor(added_ids, dtype=torch.long))
 
         # Mean of the rows of real tokens: rows of added ids and Qwen's padding rows beyond the tokenizer
-        # were never trained and would pull the mean towards noise.
-        n_known = min(len(tokenizer), embed_rows)
-        existing = torch.ones(n_known, dtype=torch.bool)
-        existing[[i for i in added_ids if i < n_known]] = False
-        mean_row = embedding.weight.detach()[:n_known][existing].float().mean(0)  # (H,)
+        # were never trained and would pull the mean towards noise. Averaged over the embedding module's
+        # outputs, not its weight, so that scaled embeddings (Gemma multiplies by sqrt(H)) come out right.
+        existing_ids = torch.tensor([i for i in range(min(len(tokenizer), embed_rows)) if i not in added])
+        row_sum = torch.zeros(hidden_size, dtype=torch.float32)
+        with torch.no_grad():
+            for chunk in existing_ids.split(8192):  # bounded memory for 100k+ vocabularies
+                row_sum += embedding(chunk.to(embedding.weight.device)).float().sum(0).cpu()
+        mean_row = row_sum / len(existing_ids)  # (H,)
         self.new_token_embed = nn.Embedding(len(added_ids), hidden_size, dtype=torch.float32)
         with torch.no_grad():
             self.new_token_embed.weight.copy_(mean_row.expand(len(added_ids), hidden_size))
@@ -181,8 +184,9 @@ class VideoAssistant(nn.Module):
             )
 
         image_mask = input_ids == self.image_token_id  # (B, T)
-        # The one host sync of a forward: gathering rows needs their counts, and checking the image count
-        # needs it on the host too. Done up front, so nothing queued on the device waits behind it later.
+        # Host sync: gathering rows needs their counts on the host, and so does the image-count check. One
+        # sync for all three, up front while the device queue is short. (transformers' mask building adds
+        # one more when an attention_mask is passed: it checks whether the mask is all ones.)
         n_image, n_text, n_head = torch.stack([image_mask.sum(), text_mask.sum(), head_mask.sum()]).tolist()
         n_features = 0 if frame_features is None else frame_features.shape[0]
         if n_image != n_features:
@@ -289,9 +293,11 @@ def add_lora(model: VideoAssistant, targets: list[str], rank: int, alpha: float,
                 replaced += 1
     missing = sorted(set(targets) - found_targets)
     if missing:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.decoder.named_modules() if isinstance(m, nn.Linear)})
+        linears = model.decoder.named_modules()
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in linears if isinstance(m, nn.Linear)})
         raise ValueError(
-            f"model.lora_targets {missing} match no nn.Linear in the decoder; its Linear layers are named {linear_names}"
+            f"model.lora_targets {missing} match no nn.Linear in the decoder; "
+            f"its Linear layers are named {linear_names}"
         )
     return replaced
 
@@ -441,15 +447,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def describe(model: VideoAssistant) -> str:
     """Startup-log table: trainable / total parameters and storage dtypes per part."""
     parts: dict[str, list[nn.Parameter]] = {}
-    seen = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        if name.endswith(("lora_A", "lora_B")):
-            part = "lora"
-        else:
-            part = name.split(".", 1)[0]
+    for name, param in model.named_parameters():  # tied weights once
+        part = "lora" if name.endswith(("lora_A", "lora_B")) else name.split(".", 1)[0]
         parts.setdefault(part, []).append(param)
     lines = []
     for part, params in parts.items():
@@ -464,7 +463,7 @@ def describe(model: VideoAssistant) -> str:
     return "model parameters:\n" + "\n".join(lines)
 
 
-def flops_per_token(model: VideoAssistant, seq_len: int) -> float:
+def flops_per_token(model: VideoAssistant, seq_len: int) -> int:
     """Training FLOPs per token, for MFU: 6 * N + 12 * n_layers * d_attn * seq_len.
 
     N: parameters of the decoder stack that run at every position (attention, MLP, norms, LoRA adapters);

@@ -119,6 +119,28 @@ def all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     return tensor
 
 
+def forward_backward(model, micro_batches: list[dict], cfg: Config, world_size: int, autocast, scaler):
+    """Accumulate one optimizer step's gradients. Returns (the step's loss parts on this rank, global counts).
+
+    Targets are counted over all micro-batches and ranks first; each micro-batch's summed loss is divided by
+    those global counts, so the gradient does not depend on how the step is split (SPEC §6).
+    """
+    counts = torch.stack([losses.count_targets(mb) for mb in micro_batches]).sum(0)
+    all_reduce(counts, world_size)
+    step_parts = torch.zeros(len(PART_KEYS), dtype=torch.float64, device=counts.device)
+    for i, mb in enumerate(micro_batches):
+        # Gradients are all-reduced only on the last micro-step; the others accumulate locally.
+        sync = i == len(micro_batches) - 1 or world_size == 1
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with autocast:
+                outputs = model(**model_inputs(mb))
+            loss, parts = losses.compute_loss(outputs, mb, counts, cfg.loss)
+            # DDP averages gradients over ranks; the loss is already a global mean, so undo the average.
+            scaler.scale(loss * world_size).backward()
+        step_parts += torch.stack([parts[k].double() for k in PART_KEYS])
+    return step_parts, counts
+
+
 # ----------------------------------------------------------------------------------------------------
 # Validation: losses at rho = 1 and per-head decision quality, from counts all-reduced over ranks
 
@@ -371,19 +393,8 @@ def train(cfg: Config) -> dict:
 
         # Fetch the step's micro-batches first: the losses are normalised by the step's global target counts.
         micro_batches = [to_device(next(batches), device) for _ in range(accum)]
-        counts = torch.stack([losses.count_targets(mb) for mb in micro_batches]).sum(0)
-        all_reduce(counts, world_size)
-        step_parts = torch.zeros(len(PART_KEYS), dtype=torch.float64, device=device)
-        for i, mb in enumerate(micro_batches):
-            # Gradients are all-reduced only on the last micro-step; the others accumulate locally.
-            sync = i == accum - 1 or world_size == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with autocast:
-                    outputs = model(**model_inputs(mb))
-                loss, parts = losses.compute_loss(outputs, mb, counts, cfg.loss)
-                # DDP averages gradients over ranks; the loss is already a global mean, so undo the average.
-                scaler.scale(loss * world_size).backward()
-            step_parts += torch.stack([parts[k].double() for k in PART_KEYS])
+        step_parts, counts = forward_backward(model, micro_batches, cfg, world_size, autocast, scaler)
+        for mb in micro_batches:
             window_io += torch.stack([mb["attention_mask"].sum(), mb["decision_mask"].sum()]).double()
         state["epoch"], state["cursor"] = micro_batches[-1]["epoch"], micro_batches[-1]["cursor"]
 

@@ -103,6 +103,8 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
     assert "model/tokenizer.json" in first and "train.json" in first
     for split in demo.SPLITS:
         assert first[f"{split}.json"] != other[f"{split}.json"]
+    features = {name: data for name, data in first.items() if name.startswith("features/")}
+    assert features and features != {name: data for name, data in other.items() if name.startswith("features/")}
     # The tokenizer is trained on an enumeration of all texts, so it does not depend on the seed.
     assert first["model/tokenizer.json"] == other["model/tokenizer.json"]
 

@@ -330,6 +330,7 @@ def test_four_micro_batches_of_one_equal_one_micro_batch_of_four(clips):
 def test_two_ranks_equal_one_rank_with_double_accumulation(clips):
     """Simulated DDP: each rank normalises by the all-reduced counts and scales by world_size; DDP
     averages the gradients."""
+    assert ddp_loss_scale() == 1  # no process group
     world_size = 2
     model = TinyModel()
     single = [collate([clip]) for clip in clips]
@@ -338,7 +339,7 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(clips):
     rank_batches = [single[:2], single[2:]]
     global_counts = sum(global_target_counts(batches) for batches in rank_batches)  # the all-reduce
     results = [
-        run_step(copy.deepcopy(model), batches, global_counts, scale=ddp_loss_scale(world_size))
+        run_step(copy.deepcopy(model), batches, global_counts, scale=world_size)
         for batches in rank_batches
     ]
     averaged_grads = [sum(grads) / world_size for grads in zip(*(grads for _, grads in results))]
@@ -355,10 +356,11 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(clips):
 def _ddp_worker(rank: int, world_size: int, init_file: str, clips: list[dict], out_file: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
+        assert ddp_loss_scale() == world_size
         model = nn.parallel.DistributedDataParallel(TinyModel())
         batches = [collate([clip]) for clip in clips[2 * rank : 2 * rank + 2]]
         global_counts = global_target_counts(batches)  # real all-reduce
-        parts, grads = run_step(model, batches, global_counts, scale=ddp_loss_scale(world_size))
+        parts, grads = run_step(model, batches, global_counts, scale=ddp_loss_scale())
         if rank == 0:
             torch.save({"counts": global_counts, "grads": grads}, out_file)
         dist.barrier()  # tearing gloo down while the other rank still talks to it can abort the process

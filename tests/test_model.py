@@ -3,13 +3,11 @@ features), LM head only at text positions, KV-cache streaming == one full forwar
 activation checkpointing proven on, checkpoint tensors round trip, optimizer groups, fp32 heads."""
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat modules live in the repo root
 
@@ -19,7 +17,6 @@ from data import load_tokenizer, new_token_ids  # noqa: E402
 from model import (  # noqa: E402
     LoRALinear,
     activation_checkpointing_active,
-    add_lora,
     build_model,
     build_model_from_config_dict,
     checkpoint_names,
@@ -231,7 +228,8 @@ def test_lm_head_runs_on_exactly_the_text_positions_in_chunks(tokenizer, base_vo
     batch = make_batch(tokenizer)
     n_text = int(batch["text_mask"].sum())
     rows_seen = []
-    model.backbone.get_output_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    lm_head = model.backbone.get_output_embeddings()
+    lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
     with torch.no_grad():
         whole = model(**batch)
         monkeypatch.setattr(model_module, "LM_HEAD_CHUNK_ROWS", 7)
@@ -399,7 +397,7 @@ def training_step(model, batch, seed=0):
     for hook in hooks:
         hook.remove()
     assert calls_after_forward == [1] * LAYERS
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return calls, saved, grads
 
 
@@ -425,6 +423,25 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(tokenize
     set_activation_checkpointing(model, False)
     assert not activation_checkpointing_active(model)
     assert training_step(model, batch)[0] == [1] * LAYERS
+
+
+def test_checkpointing_works_when_no_layer_input_requires_grad(tokenizer, base_vocab):
+    # The layers' input needs no grad, the case where reentrant checkpointing silently drops the adapters'
+    # gradients. (In real runs the trainable new-token rows make inputs_embeds require grad anyway.)
+    model = tiny_model(tokenizer, base_vocab, trainable="lora")
+    model.new_token_embed.weight.requires_grad_(False)
+    ids = ids_of(tokenizer, SENTENCES[1].split()).unsqueeze(0)
+    assert not model.embed(ids).requires_grad
+    batch = {"input_ids": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool)}
+    with torch.no_grad():
+        model.backbone.model.layers[0].mlp.up_proj.lora_B.normal_()  # so that lora_A gets a gradient too
+    _, _, grads_off = training_step(model, batch)
+    set_activation_checkpointing(model, True)
+    calls, _, grads_on = training_step(model, batch)
+    assert calls == [2] * LAYERS
+    assert grads_on["backbone.model.layers.0.mlp.up_proj.lora_A"].abs().sum() > 0
+    for name in grads_off:
+        assert torch.allclose(grads_on[name], grads_off[name], atol=1e-6, rtol=1e-5), name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,663 @@
+"""Streaming evaluation: whole videos, frame by frame, with the KV cache; ProAssist speaking metrics, DST metrics.
+
+    python evaluate.py --ckpt runs/demo/step_600                      # test split (eval.split) of the run's data
+    python evaluate.py --ckpt runs/demo/step_600 --split val --max-videos 5
+    python evaluate.py --ckpt runs/x/step_5000 --sweep-speak 0.2,0.3,0.4,0.5 --sweep-dst 0.3,0.5,0.7
+    python evaluate.py --ckpt runs/x/step_5000 --teacher-forced       # ground-truth blocks as context
+    python evaluate.py --config configs/demo.yaml --oracle            # ground truth as the model: perfect scores
+
+Outputs go to <ckpt>/eval_<split>/ (or --out): predictions.jsonl (one line per frame per video),
+metrics.json (SPEC §9.4) and report.html (summary, per-video probability timelines, matched utterances).
+
+Per frame: feed <image> x I and the user turns of that frame, read both heads at the decision position; if
+p_dst > dst_threshold feed [DST] and greedy-decode the transitions; if p_speak > speak_threshold feed
+[ASST] and greedy-decode the reply. Generated tokens and their EOS stay in the cache, as in training. The
+pieces come from data.Renderer, the same code that renders training sequences.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import metrics
+from checkpoint import CheckpointError, load_for_inference, read_config
+from config import Config, ConfigError, load_config
+from data import (
+    Clip, DataError, FrameEvents, FrameStore, Renderer, Step, apply_transition, format_transitions, load_split,
+    load_tokenizer, parse_transitions,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# Whole videos from clips
+
+
+@dataclass
+class Video:
+    video_uid: str
+    dataset: str
+    fps: float
+    start: int  # first clip's start frame
+    end: int  # last clip's end frame (exclusive)
+    steps: list[Step]
+    system_text: str
+    initial_state: dict[str, str]
+    events: dict[int, FrameEvents]  # union of the clips' events, de-duplicated
+    clips: list[Clip]
+
+    @property
+    def num_frames(self) -> int:
+        return self.end - self.start
+
+    def reference_states(self) -> list[dict[str, str]]:
+        """State after each frame's updates (SPEC §4.3: initial + updates at earlier or equal frames)."""
+        state, states = dict(self.initial_state), []
+        for k in range(self.start, self.end):
+            for step_id, transition in self.events.get(k, FrameEvents()).transitions:
+                apply_transition(state, step_id, transition)
+            states.append(dict(state))
+        return states
+
+
+def assemble_videos(clips: list[Clip]) -> list[Video]:
+    """Group clips by video_uid, order by clip_idx; events de-duplicated by (frame, role, content)."""
+    by_uid: dict[str, list[Clip]] = {}
+    for clip in clips:
+        by_uid.setdefault(clip.video_uid, []).append(clip)
+    videos = []
+    for uid, group in by_uid.items():
+        group.sort(key=lambda c: (c.clip_idx, c.start))
+        covered = set()
+        for clip in group:
+            covered.update(range(clip.start, clip.end))
+        start, end = group[0].start, max(c.end for c in group)
+        gaps = sorted(set(range(start, end)) - covered)
+        if gaps:
+            raise DataError(f"video {uid}: its clips leave frames uncovered (first: {gaps[0]}, {len(gaps)} in all)")
+        seen, events = set(), {}
+        for clip in group:
+            for turn in sorted(clip.turns, key=lambda t: t.index):
+                if turn.frame is None:
+                    continue
+                key = (turn.frame, turn.role, json.dumps(turn.content))
+                if key in seen:
+                    continue
+                seen.add(key)
+                ev = events.setdefault(turn.frame, FrameEvents())
+                if turn.role in ("user", "system"):
+                    ev.user_texts.append(turn.content)
+                elif turn.role == "DST_UPDATE":
+                    ev.transitions.extend(turn.content)
+                else:
+                    ev.asst_texts.append(turn.content)
+        first = group[0]
+        videos.append(Video(uid, first.dataset, first.fps, start, end, first.steps, first.system_text,
+                            first.initial_state(), events, group))
+    return videos
+
+
+def video_features(video: Video, store: FrameStore, num_tokens_per_frame: int) -> np.ndarray:
+    """(num_frames, I, F) features over the whole video, each frame read from a clip that covers it."""
+    out: Optional[np.ndarray] = None
+    for clip in video.clips:
+        feats = store.features(clip).reshape(clip.num_frames, num_tokens_per_frame, -1)
+        if out is None:
+            out = np.zeros((video.num_frames, num_tokens_per_frame, feats.shape[-1]), dtype=np.float32)
+        out[clip.start - video.start:clip.end - video.start] = feats
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming inference
+
+
+@dataclass
+class FrameRecord:
+    frame: int
+    p_speak: float
+    p_dst: float
+    speak: bool
+    dst: bool
+    asst_text: Optional[str] = None
+    dst_text: Optional[str] = None
+    transitions: list = field(default_factory=list)  # parsed (step, transition), legal or not
+    num_invalid: int = 0
+
+
+@dataclass
+class Thresholds:
+    speak: float
+    dst: float
+
+
+class StreamingRunner:
+    """One video at a time, one frame at a time, KV cache on. Context pieces come from data.Renderer."""
+
+    def __init__(self, model, renderer: Renderer, cfg: Config, device: torch.device, teacher_forced: bool = False):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.renderer = renderer
+        self.cfg = cfg
+        self.device = device
+        self.teacher_forced = teacher_forced
+        self.cache_class = DynamicCache
+        self.budget = cfg.data.max_seq_len - cfg.eval.context_margin
+        self.context_resets = 0
+
+    # -- the model calls -----------------------------------------------------------------------------
+    def _forward(self, ids: list[int], feats: Optional[np.ndarray], want_heads: bool, want_text: bool):
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        mask_last = torch.zeros_like(input_ids, dtype=torch.bool)
+        mask_last[0, -1] = True
+        frame_features = None
+        if feats is not None and len(feats):
+            frame_features = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device)
+        out = self.model(
+            input_ids=input_ids, frame_features=frame_features,
+            text_mask=mask_last if want_text else None, head_mask=mask_last if want_heads else None,
+            past_key_values=self.cache, use_cache=True,
+        )
+        self.cache = out["past_key_values"]
+        self.history.append((ids, feats))
+        return out
+
+    def _feed(self, ids: list[int], feats: Optional[np.ndarray] = None, want_heads=False, want_text=False):
+        if self.cache.get_seq_length() + len(ids) > self.cfg.data.max_seq_len:
+            raise RuntimeError(f"context grew past data.max_seq_len={self.cfg.data.max_seq_len}; raise eval.context_margin")
+        return self._forward(ids, feats, want_heads, want_text)
+
+    def _reset_context(self) -> None:
+        """Apply eval.context_strategy: a fresh cache starting from the system prompt.
+
+        reset_with_dst: the prompt carries the *predicted* current state (the model's own DST is its memory);
+        drop_all: the prompt with the video's initial state, nothing else;
+        drop_middle: the prompt with the initial state plus the most recent pieces (up to half the budget).
+        """
+        strategy = self.cfg.eval.context_strategy
+        self.context_resets += 1
+        self.cache = self.cache_class()
+        state = self.pred_state if strategy == "reset_with_dst" else self.video.initial_state
+        ids = self.renderer.prompt(self.video.system_text, self.video.steps, state)
+        kept: list[tuple[list[int], Optional[np.ndarray]]] = []
+        if strategy == "drop_middle":
+            total = 0
+            for piece_ids, piece_feats in reversed(self.history):
+                if total + len(piece_ids) > self.budget // 2:
+                    break
+                kept.insert(0, (piece_ids, piece_feats))
+                total += len(piece_ids)
+            # Start at a frame: drop pieces before the first one that begins with <image>.
+            while kept and kept[0][0][0] != self.renderer.image_id:
+                kept.pop(0)
+        feats = [f for _, f in kept if f is not None and len(f)]
+        self._forward(ids + [t for piece, _ in kept for t in piece], np.concatenate(feats) if feats else None, False, False)
+        self.history = kept
+
+    def _generate(self, role_id: int, max_tokens: int) -> str:
+        """Feed the role token (plus any pending EOS), greedy-decode to EOS; the EOS ends up in the cache."""
+        eos = self.renderer.eos_id
+        ids = self.pending + [role_id]
+        self.pending = []
+        generated: list[int] = []
+        out = self._feed(ids, want_text=True)
+        guard = self.cfg.eval.repetition_guard
+        while True:
+            token = int(out["text_logits"][-1].argmax())
+            if token == eos or len(generated) >= max_tokens or self._repeats(generated + [token], guard):
+                break
+            generated.append(token)
+            out = self._feed([token], want_text=True)
+        # The EOS (predicted, or forced at the cap) is fed with the next piece, exactly as training has it.
+        self.pending = [eos]
+        return self.renderer.tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+    @staticmethod
+    def _repeats(tokens: list[int], n: int) -> bool:
+        """The last n-gram already occurred: greedy decoding has entered a loop."""
+        if n <= 0 or len(tokens) < 2 * n:
+            return False
+        tail = tokens[-n:]
+        return any(tokens[i:i + n] == tail for i in range(len(tokens) - 2 * n + 1))
+
+    # -- the stream -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, video: Video, feats: np.ndarray, thresholds: Thresholds) -> list[FrameRecord]:
+        self.video = video
+        self.cache = self.cache_class()
+        self.history = []
+        self.pred_state = dict(video.initial_state)
+        self.pending = self.renderer.prompt(video.system_text, video.steps, self.pred_state)
+        records = []
+        for i, k in enumerate(range(video.start, video.end)):
+            ev = video.events.get(k, FrameEvents())
+            frame_ids = self.renderer.frame()
+            for text in ev.user_texts:
+                frame_ids += self.renderer.user_block(text)
+            # Room for this frame and both blocks it may generate; otherwise apply the context strategy now,
+            # at a frame boundary, so a generation never straddles a reset.
+            needed = len(self.pending) + len(frame_ids) + self.cfg.eval.max_dst_tokens + self.cfg.eval.max_new_tokens + 6
+            if self.cache.get_seq_length() + needed > self.budget:
+                self._reset_context()
+                self.pending = []  # the block this EOS closed is no longer in the context
+            out = self._feed(self.pending + frame_ids, feats[i], want_heads=True)
+            self.pending = []
+            p_speak = float(torch.sigmoid(out["speak_logits"][-1]))
+            p_dst = float(torch.sigmoid(out["dst_logits"][-1]))
+            rec = FrameRecord(k, p_speak, p_dst, p_speak > thresholds.speak, p_dst > thresholds.dst)
+            if self.teacher_forced:
+                self._teacher_forced_blocks(rec, ev)
+            else:
+                if rec.dst:
+                    rec.dst_text = self._generate(self.renderer.dst_id, self.cfg.eval.max_dst_tokens)
+                    self._apply_generated_updates(rec)
+                if rec.speak:
+                    rec.asst_text = self._generate(self.renderer.asst_id, self.cfg.eval.max_new_tokens)
+            records.append(rec)
+        return records
+
+    def _apply_generated_updates(self, rec: FrameRecord, track: bool = True) -> None:
+        """Parse the generated DST text; apply the legal transitions to the tracked state (if `track`)."""
+        parsed = parse_transitions(rec.dst_text or "")
+        if parsed is None:
+            rec.num_invalid = 1
+            return
+        rec.transitions = parsed
+        check = self.pred_state if track else dict(self.pred_state)
+        for step_id, transition in parsed:
+            if apply_transition(check, step_id, transition) is not None:
+                rec.num_invalid += 1
+
+    def _generate_and_roll_back(self, role_id: int, max_tokens: int) -> str:
+        if self.pending:
+            self._feed(self.pending)
+            self.pending = []
+        length, history_length = self.cache.get_seq_length(), len(self.history)
+        text = self._generate(role_id, max_tokens)
+        self.cache.crop(length)
+        self.history = self.history[:history_length]
+        self.pending = []
+        return text
+
+    def _teacher_forced_blocks(self, rec: FrameRecord, ev: FrameEvents) -> None:
+        """Record what the model generates where a head fires, but keep only ground-truth blocks as context,
+        in the training order: decision, [DST] block, [ASST] block."""
+        if rec.dst:
+            rec.dst_text = self._generate_and_roll_back(self.renderer.dst_id, self.cfg.eval.max_dst_tokens)
+            self._apply_generated_updates(rec, track=False)
+        if ev.transitions:
+            self.pending = self.renderer.dst_block(ev.transitions)
+            for step_id, transition in ev.transitions:
+                apply_transition(self.pred_state, step_id, transition)  # the context carries the reference
+        if rec.speak:
+            rec.asst_text = self._generate_and_roll_back(self.renderer.asst_id, self.cfg.eval.max_new_tokens)
+        if ev.asst_texts:
+            self.pending = self.pending + self.renderer.asst_block(ev.asst_texts)
+
+
+def oracle_records(video: Video) -> list[FrameRecord]:
+    """The ground truth as predictions: checks that the metric pipeline scores it perfectly."""
+    records = []
+    for k in range(video.start, video.end):
+        ev = video.events.get(k, FrameEvents())
+        speak, update = bool(ev.asst_texts), bool(ev.transitions)
+        records.append(FrameRecord(
+            k, float(speak), float(update), speak, update,
+            asst_text=" ".join(ev.asst_texts) if speak else None,
+            dst_text=format_transitions(ev.transitions) if update else None,
+            transitions=list(ev.transitions),
+        ))
+    return records
+
+
+def predicted_states(video: Video, records: list[FrameRecord]) -> list[dict[str, str]]:
+    """The state the stream tracked, after each frame (only legal generated updates applied)."""
+    state, states = dict(video.initial_state), []
+    for rec in records:
+        for step_id, transition in rec.transitions:
+            apply_transition(state, step_id, transition)  # illegal ones leave the state unchanged
+        states.append(dict(state))
+    return states
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics over a split
+
+
+def compute_metrics(videos: list[Video], all_records: list[list[FrameRecord]], embed, thresholds: Thresholds,
+                    zero_cost_quirk: bool) -> tuple[dict, list]:
+    """The metrics.json blocks (speak, nlg, dst, decisions) and the per-video speaking matches."""
+    speak_matches = []
+    dst_videos = []
+    speak_probs, speak_labels, dst_probs, dst_labels = [], [], [], []
+    for video, records in zip(videos, all_records):
+        window, known = metrics.window_for_dataset(video.dataset)
+        if not known:
+            warnings.warn(f"video {video.video_uid}: unknown dataset '{video.dataset}', default window {window}")
+        base = video.start
+        pred = [(r.frame - base, r.asst_text or "") for r in records if r.speak]
+        ref = [(k - base, " ".join(ev.asst_texts)) for k, ev in sorted(video.events.items()) if ev.asst_texts]
+        speak_matches += metrics.match_speaking(
+            [{"num_frames": video.num_frames, "pred": pred, "ref": ref}], embed, window, zero_cost_quirk)
+        order = [s.id for s in video.steps]
+        ref_states = video.reference_states()
+        pred_states = predicted_states(video, records)
+        dst_videos.append({
+            "num_frames": video.num_frames, "window": window,
+            "pred": [(r.frame - base, s, t) for r in records for s, t in r.transitions],
+            "ref": [(k - base, s, t) for k, ev in sorted(video.events.items()) for s, t in ev.transitions],
+            "pred_states": [[st[i] for i in order] for st in pred_states],
+            "ref_states": [[st[i] for i in order] for st in ref_states],
+            "num_invalid": sum(r.num_invalid for r in records),
+            "num_generated": sum(len(r.transitions) if r.transitions else (1 if r.dst_text is not None else 0) for r in records),
+        })
+        for r in records:
+            ev = video.events.get(r.frame, FrameEvents())
+            speak_probs.append(r.p_speak); speak_labels.append(int(bool(ev.asst_texts)))
+            dst_probs.append(r.p_dst); dst_labels.append(int(bool(ev.transitions)))
+    speak = metrics.summarize_speaking(speak_matches, fps=videos[0].fps)
+    nlg = metrics.nlg_metrics(metrics.good_match_pairs(speak_matches))
+    dst = dst_metrics_by_window(dst_videos)
+    decisions = {
+        "speak": metrics.decision_metrics(speak_probs, speak_labels, thresholds.speak),
+        "dst": metrics.decision_metrics(dst_probs, dst_labels, thresholds.dst),
+    }
+    return {"speak": speak, "nlg": nlg, "dst": dst, "decisions": decisions}, speak_matches
+
+
+def dst_metrics_by_window(videos: list[dict]) -> dict:
+    """dst_metrics for videos that may use different windows: counts summed over window groups."""
+    groups: dict[tuple, list[dict]] = {}
+    for v in videos:
+        groups.setdefault(tuple(v["window"]), []).append({k: x for k, x in v.items() if k != "window"})
+    if len(groups) == 1:
+        (window, group), = groups.items()
+        return metrics.dst_metrics(group, window)
+    # Several windows: match transitions per group, then combine the counts exactly.
+    totals = {"tp": 0, "pred": 0, "ref": 0, "frames": 0, "state_sum": 0.0, "joint": 0, "invalid": 0, "generated": 0}
+    for window, group in groups.items():
+        part = metrics.dst_metrics(group, window)
+        n_pred = sum(len(v["pred"]) for v in group)
+        n_ref = sum(len(v["ref"]) for v in group)
+        frames = sum(v["num_frames"] for v in group)
+        totals["tp"] += round(part["precision"] * n_pred) if n_pred else 0
+        totals["pred"] += n_pred
+        totals["ref"] += n_ref
+        totals["frames"] += frames
+        totals["state_sum"] += part["state_accuracy"] * frames
+        totals["joint"] += part["joint_accuracy"] * frames
+        totals["invalid"] += sum(v["num_invalid"] for v in group)
+        totals["generated"] += sum(v["num_generated"] for v in group)
+    p = totals["tp"] / totals["pred"] if totals["pred"] else 0.0
+    r = totals["tp"] / totals["ref"] if totals["ref"] else 0.0
+    return {
+        "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+        "state_accuracy": totals["state_sum"] / max(totals["frames"], 1),
+        "joint_accuracy": totals["joint"] / max(totals["frames"], 1),
+        "invalid_rate": totals["invalid"] / totals["generated"] if totals["generated"] else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
+    ref_states = video.reference_states()
+    pred_states = predicted_states(video, records)
+    lines = []
+    for rec, pred_state, ref_state in zip(records, pred_states, ref_states):
+        ev = video.events.get(rec.frame, FrameEvents())
+        lines.append({
+            "video_uid": video.video_uid, "frame": rec.frame, "time": (rec.frame + 1) / video.fps,
+            "p_speak": rec.p_speak, "p_dst": rec.p_dst, "speak": rec.speak, "dst": rec.dst,
+            "asst_text": rec.asst_text, "dst_text": rec.dst_text,
+            "transitions": [list(t) for t in rec.transitions], "num_invalid": rec.num_invalid,
+            "pred_state": pred_state, "user_text": " ".join(ev.user_texts) or None,
+            "ref_asst_text": " ".join(ev.asst_texts) or None,
+            "ref_transitions": [list(t) for t in ev.transitions], "ref_state": ref_state,
+        })
+    return lines
+
+
+def _svg_timeline(video: Video, records: list[FrameRecord], thresholds: Thresholds, width: int = 900) -> str:
+    """Both heads' probabilities over the video, reference events as ticks, thresholds as dashed lines."""
+    n = max(len(records), 2)
+    height, pad = 150, 30
+    plot_w, plot_h = width - 2 * pad, height - 2 * pad
+
+    def x(i):
+        return pad + plot_w * i / (n - 1)
+
+    def y(p):
+        return pad + plot_h * (1 - p)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="timeline">',
+             f'<rect x="{pad}" y="{pad}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>']
+    for i, rec in enumerate(records):
+        ev = video.events.get(rec.frame, FrameEvents())
+        if ev.asst_texts:
+            parts.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{pad}" y2="{pad + plot_h}" stroke="#1f77b4" stroke-opacity="0.35" stroke-width="3"/>')
+        if ev.transitions:
+            parts.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{pad + plot_h - 10}" y2="{pad + plot_h}" stroke="#d62728" stroke-width="3"/>')
+    for value, color in ((thresholds.speak, "#1f77b4"), (thresholds.dst, "#d62728")):
+        parts.append(f'<line x1="{pad}" x2="{pad + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="{color}" stroke-dasharray="4 3"/>')
+    for attr, color in (("p_speak", "#1f77b4"), ("p_dst", "#d62728")):
+        points = " ".join(f"{x(i):.1f},{y(getattr(r, attr)):.1f}" for i, r in enumerate(records))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+    parts.append(f'<text x="{pad}" y="{pad - 8}" font-size="12">frames {video.start}–{video.end - 1} · '
+                 f'<tspan fill="#1f77b4">p_speak (band: reference reply)</tspan> · '
+                 f'<tspan fill="#d62728">p_dst (tick: reference update)</tspan> · dashed: thresholds</text>')
+    parts.append(f'<text x="{pad}" y="{height - 8}" font-size="11">{video.start}</text>')
+    parts.append(f'<text x="{pad + plot_w - 30}" y="{height - 8}" font-size="11">{video.end - 1}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def write_report(path: Path, result: dict, videos: list[Video], all_records: list[list[FrameRecord]],
+                 speak_matches: list, thresholds: Thresholds, sweep_rows: Optional[list[dict]] = None) -> None:
+    esc = html.escape
+
+    def fmt(v):
+        if v is None:
+            return "–"
+        return f"{v:.4f}" if isinstance(v, float) else esc(str(v))
+
+    rows = []
+    for block in ("speak", "nlg", "dst"):
+        rows += [f"<tr><td>{block}</td><td>{esc(k)}</td><td>{fmt(v)}</td></tr>" for k, v in result[block].items()]
+    for head, vals in result["decisions"].items():
+        rows += [f"<tr><td>decisions.{head}</td><td>{esc(k)}</td><td>{fmt(v)}</td></tr>" for k, v in vals.items()]
+    sections = []
+    for video, records, vm in zip(videos, all_records, speak_matches):
+        pairs = "".join(
+            f"<tr><td>{m.gen_frame + video.start}</td><td>{m.ref_frame + video.start}</td><td>{m.score:.2f}</td>"
+            f"<td>{esc(m.gen_text)}</td><td>{esc(m.ref_text)}</td></tr>" for m in vm.matches
+        )
+        sections.append(
+            f"<h3>{esc(video.video_uid)} <small>({esc(video.dataset)}, {video.num_frames} frames, "
+            f"{len(vm.matches)} matched, {len(vm.missed_frames)} missed, {len(vm.redundant_frames)} redundant)</small></h3>"
+            + _svg_timeline(video, records, thresholds)
+            + "<details><summary>matched utterances</summary><table><tr><th>gen frame</th><th>ref frame</th>"
+            + f"<th>score</th><th>generated</th><th>reference</th></tr>{pairs}</table></details>"
+        )
+    sweep = ""
+    if sweep_rows:
+        head = "".join(f"<th>{esc(k)}</th>" for k in sweep_rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in r.values()) + "</tr>" for r in sweep_rows)
+        sweep = f"<h2>Threshold sweep</h2><table><tr>{head}</tr>{body}</table>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Evaluation: {esc(result['split'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ddd;padding:2px 8px;font-size:13px;text-align:left}}small{{color:#666;font-weight:normal}}</style>
+</head><body><h1>Streaming evaluation</h1>
+<p>checkpoint <code>{esc(result['checkpoint'])}</code> · split <b>{esc(result['split'])}</b> · {result['num_videos']} videos ·
+{result['num_frames']} frames · thresholds speak {thresholds.speak} / dst {thresholds.dst} · embedder {esc(result['embedder'])} ·
+{result['frames_per_second']:.1f} frames/s</p>
+<h2>Summary</h2><table><tr><th>block</th><th>metric</th><th>value</th></tr>{''.join(rows)}</table>{sweep}
+<h2>Videos</h2>{''.join(sections)}</body></html>"""
+    path.write_text(page)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_split(runner: Optional[StreamingRunner], videos, features, thresholds, oracle: bool, desc: str):
+    all_records = []
+    for video, feats in tqdm(list(zip(videos, features)), desc=desc, unit="video", dynamic_ncols=True):
+        all_records.append(oracle_records(video) if oracle else runner.run(video, feats, thresholds))
+    return all_records
+
+
+def parse_list(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"threshold list '{text}' must be comma-separated numbers, e.g. 0.2,0.3,0.5") from None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint directory (runs/<name>/step_<N>)")
+    parser.add_argument("--config", help="config YAML instead of a checkpoint (only with --oracle)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. eval.max_new_tokens=32)")
+    parser.add_argument("--split", help="train, val or test (default: eval.split)")
+    parser.add_argument("--out", help="output directory (default: <ckpt>/eval_<split>)")
+    parser.add_argument("--max-videos", type=int, help="evaluate only the first N videos")
+    parser.add_argument("--speak-threshold", type=float, help="speak when p_speak > this (default: eval.speak_threshold)")
+    parser.add_argument("--dst-threshold", type=float, help="update when p_dst > this (default: eval.dst_threshold)")
+    parser.add_argument("--sweep-speak", help="comma-separated speak thresholds; one stream per (speak, dst) pair")
+    parser.add_argument("--sweep-dst", help="comma-separated dst thresholds")
+    parser.add_argument("--oracle", action="store_true", help="ground truth instead of the model (perfect scores expected)")
+    parser.add_argument("--teacher-forced", action="store_true", help="ground-truth DST/assistant blocks as context")
+    parser.add_argument("--embedder", help="minilm (default), bow, or a sentence-encoder directory (eval.embedder)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        return evaluate(args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def evaluate(args) -> int:
+    if not args.ckpt and not (args.config and args.oracle):
+        raise ConfigError("give --ckpt DIR (or --config CONFIG together with --oracle)")
+    device = torch.device(args.device)
+    model = None
+    if args.ckpt:
+        ckpt = Path(args.ckpt)
+        if not ckpt.is_dir():
+            raise CheckpointError(f"--ckpt {ckpt}: no such directory")
+        cfg = read_config(ckpt)
+        if args.oracle:
+            tokenizer = None
+        else:
+            model, tokenizer, cfg = load_for_inference(ckpt, device)
+        from config import _set, parse_override
+        for text in args.overrides:
+            key, value = parse_override(cfg, text)
+            _set(cfg, key, value, f"override '{text}'")
+        source = str(ckpt)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        tokenizer = None
+        source = "oracle"
+    split = args.split or cfg.eval.split
+    out_dir = Path(args.out) if args.out else (Path(args.ckpt) if args.ckpt else Path(cfg.run.dir)) / f"eval_{split}"
+    thresholds = Thresholds(
+        args.speak_threshold if args.speak_threshold is not None else cfg.eval.speak_threshold,
+        args.dst_threshold if args.dst_threshold is not None else cfg.eval.dst_threshold,
+    )
+
+    clips, problems = load_split(cfg, split)
+    errors = [p for p in problems if p.level == "ERROR"]
+    if errors:
+        for p in errors[:20]:
+            print(p, file=sys.stderr)
+        raise DataError(f"split '{split}' has {len(errors)} invalid clip(s); run `python data.py validate`")
+    videos = assemble_videos(clips)
+    if args.max_videos:
+        videos = videos[:args.max_videos]
+    if not videos:
+        raise DataError(f"split '{split}' has no videos to evaluate")
+    store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
+    features = [video_features(v, store, cfg.data.num_tokens_per_frame) for v in videos]
+
+    embedder_choice = args.embedder or cfg.eval.embedder or "minilm"
+    embed = metrics.load_embedder(embedder_choice)
+    runner = None
+    if model is not None:
+        renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
+        runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    speak_list = parse_list(args.sweep_speak) or [thresholds.speak]
+    dst_list = parse_list(args.sweep_dst) or [thresholds.dst]
+    sweep_rows, best = [], None
+    for s in speak_list:
+        for d in dst_list:
+            th = Thresholds(s, d)
+            start = time.perf_counter()
+            all_records = run_split(runner, videos, features, th, args.oracle, f"stream speak>{s} dst>{d}")
+            seconds = time.perf_counter() - start
+            blocks, speak_matches = compute_metrics(videos, all_records, embed, th, cfg.eval.zero_cost_quirk)
+            num_frames = sum(v.num_frames for v in videos)
+            result = {
+                "split": split, "checkpoint": source, "num_videos": len(videos), "num_frames": num_frames,
+                "embedder": getattr(embed, "name", embedder_choice),
+                "thresholds": {"speak": s, "dst": d}, **blocks,
+                "seconds": seconds, "frames_per_second": num_frames / seconds if seconds > 0 else None,
+                "zero_cost_quirk": cfg.eval.zero_cost_quirk, "mode": "oracle" if args.oracle else (
+                    "teacher_forced" if args.teacher_forced else "streaming"),
+                "context_strategy": cfg.eval.context_strategy,
+                "context_resets": runner.context_resets if runner else 0,
+            }
+            row = {"speak_threshold": s, "dst_threshold": d, "speak_f1": blocks["speak"]["f1"],
+                   "dst_f1": blocks["dst"]["f1"], "speak_precision": blocks["speak"]["precision"],
+                   "speak_recall": blocks["speak"]["recall"], "bleu4": blocks["nlg"]["bleu4"]}
+            sweep_rows.append(row)
+            key = (blocks["speak"]["f1"], blocks["dst"]["f1"])
+            if best is None or key > best[0]:
+                best = (key, result, all_records, speak_matches, th)
+    _, result, all_records, speak_matches, th = best
+    if len(sweep_rows) > 1:
+        result["sweep"] = sweep_rows
+        result["best"] = {"speak": th.speak, "dst": th.dst, "by": "speak f1, then dst f1"}
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for video, records in zip(videos, all_records):
+            for line in prediction_lines(video, records):
+                f.write(json.dumps(line) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_report(out_dir / "report.html", result, videos, all_records, speak_matches, th,
+                 sweep_rows if len(sweep_rows) > 1 else None)
+    s, d, n = result["speak"], result["dst"], result["nlg"]
+    if len(sweep_rows) > 1:
+        for r in sweep_rows:
+            print(f"sweep speak>{r['speak_threshold']} dst>{r['dst_threshold']}: speak F1 {r['speak_f1']:.3f} dst F1 {r['dst_f1']:.3f}")
+        print(f"best: speak>{th.speak} dst>{th.dst}")
+    print(
+        f"{result['mode']} {split}: {result['num_videos']} videos, {result['num_frames']} frames, "
+        f"{result['frames_per_second']:.1f} frames/s | speak P {s['precision']:.3f} R {s['recall']:.3f} F1 {s['f1']:.3f} | "
+        f"dst P {d['precision']:.3f} R {d['recall']:.3f} F1 {d['f1']:.3f} state acc {d['state_accuracy']:.3f} | "
+        f"BLEU-4 {n['bleu4']:.3f} CIDEr {n['cider']:.3f}"
+    )
+    print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
