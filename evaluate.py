@@ -22,7 +22,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -285,7 +284,9 @@ class StreamingRunner:
             self.pending = []
         length, history_length = self.cache.get_seq_length(), len(self.history)
         text = self._generate(role_id, max_tokens)
-        self.cache.crop(length)
+        # transformers 5 crops by a negative count of tokens to remove
+        self.cache.crop(length - self.cache.get_seq_length())
+        assert self.cache.get_seq_length() == length
         self.history = self.history[:history_length]
         self.pending = []
         return text
@@ -342,9 +343,7 @@ def compute_metrics(videos: list[Video], all_records: list[list[FrameRecord]], e
     dst_videos = []
     speak_probs, speak_labels, dst_probs, dst_labels = [], [], [], []
     for video, records in zip(videos, all_records):
-        window, known = metrics.window_for_dataset(video.dataset)
-        if not known:
-            warnings.warn(f"video {video.video_uid}: unknown dataset '{video.dataset}', default window {window}")
+        window, _ = metrics.window_for_dataset(video.dataset)
         base = video.start
         pred = [(r.frame - base, r.asst_text or "") for r in records if r.speak]
         ref = [(k - base, " ".join(ev.asst_texts)) for k, ev in sorted(video.events.items()) if ev.asst_texts]
@@ -368,45 +367,12 @@ def compute_metrics(videos: list[Video], all_records: list[list[FrameRecord]], e
             dst_probs.append(r.p_dst); dst_labels.append(int(bool(ev.transitions)))
     speak = metrics.summarize_speaking(speak_matches, fps=videos[0].fps)
     nlg = metrics.nlg_metrics(metrics.good_match_pairs(speak_matches))
-    dst = dst_metrics_by_window(dst_videos)
+    dst = metrics.dst_metrics(dst_videos)  # each video carries its dataset's window
     decisions = {
         "speak": metrics.decision_metrics(speak_probs, speak_labels, thresholds.speak),
         "dst": metrics.decision_metrics(dst_probs, dst_labels, thresholds.dst),
     }
     return {"speak": speak, "nlg": nlg, "dst": dst, "decisions": decisions}, speak_matches
-
-
-def dst_metrics_by_window(videos: list[dict]) -> dict:
-    """dst_metrics for videos that may use different windows: counts summed over window groups."""
-    groups: dict[tuple, list[dict]] = {}
-    for v in videos:
-        groups.setdefault(tuple(v["window"]), []).append({k: x for k, x in v.items() if k != "window"})
-    if len(groups) == 1:
-        (window, group), = groups.items()
-        return metrics.dst_metrics(group, window)
-    # Several windows: match transitions per group, then combine the counts exactly.
-    totals = {"tp": 0, "pred": 0, "ref": 0, "frames": 0, "state_sum": 0.0, "joint": 0, "invalid": 0, "generated": 0}
-    for window, group in groups.items():
-        part = metrics.dst_metrics(group, window)
-        n_pred = sum(len(v["pred"]) for v in group)
-        n_ref = sum(len(v["ref"]) for v in group)
-        frames = sum(v["num_frames"] for v in group)
-        totals["tp"] += round(part["precision"] * n_pred) if n_pred else 0
-        totals["pred"] += n_pred
-        totals["ref"] += n_ref
-        totals["frames"] += frames
-        totals["state_sum"] += part["state_accuracy"] * frames
-        totals["joint"] += part["joint_accuracy"] * frames
-        totals["invalid"] += sum(v["num_invalid"] for v in group)
-        totals["generated"] += sum(v["num_generated"] for v in group)
-    p = totals["tp"] / totals["pred"] if totals["pred"] else 0.0
-    r = totals["tp"] / totals["ref"] if totals["ref"] else 0.0
-    return {
-        "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
-        "state_accuracy": totals["state_sum"] / max(totals["frames"], 1),
-        "joint_accuracy": totals["joint"] / max(totals["frames"], 1),
-        "invalid_rate": totals["invalid"] / totals["generated"] if totals["generated"] else 0.0,
-    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -590,6 +556,11 @@ def evaluate(args) -> int:
             print(p, file=sys.stderr)
         raise DataError(f"split '{split}' has {len(errors)} invalid clip(s); run `python data.py validate`")
     videos = assemble_videos(clips)
+    for dataset in sorted({v.dataset for v in videos}):
+        window, known = metrics.window_for_dataset(dataset)
+        if not known:
+            print(f"warning: unknown dataset '{dataset}': speaking/DST matching uses the default window {window}",
+                  file=sys.stderr)
     if args.max_videos:
         videos = videos[:args.max_videos]
     if not videos:

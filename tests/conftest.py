@@ -75,3 +75,26 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def sample_clip() -> dict:
     return json.loads(SAMPLE_CLIP.read_text())
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small demo dataset (8 training videos) with its tokenizer and tiny model config."""
+    import demo
+    out = tmp_path_factory.mktemp("demo")
+    demo.make_demo(out, seed=0, num_videos=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(demo_dir, tmp_path_factory) -> Path:
+    """A checkpoint of the demo model after a few training steps (in-process, CPU)."""
+    import train
+    from config import load_config
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        f"data.root={demo_dir}", f"model.path={demo_dir / 'model'}", f"run.dir={run_dir}", "data.num_workers=0",
+        "train.max_steps=3", "train.eval_every=0", "train.log_every=1", "train.save_every=3",
+    ])
+    train.train(cfg)
+    return run_dir / "step_3"

@@ -56,14 +56,6 @@ def train_records(run_dir: Path) -> dict[int, dict]:
     return records
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    import demo
-    out = tmp_path_factory.mktemp("demo")
-    demo.make_demo(out, seed=0, num_videos=8)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers
 
@@ -123,6 +115,7 @@ if rank == 0:
     grads["__parts__"] = parts.float()
     save_file(grads, out)
 if world > 1:
+    torch.distributed.barrier()  # no rank tears gloo down while the other still uses it
     torch.distributed.destroy_process_group()
 """
 

