@@ -904,6 +904,15 @@ def collate(items: list[dict], pad_id: int) -> dict:
         "frame_features": torch.from_numpy(np.concatenate([it["frame_features"] for it in items], axis=0)),
         "clip_index": torch.tensor([it["clip_index"] for it in items], dtype=torch.int64),
     }
+    # Flat (b * T + t) positions of text targets, head labels and decision positions, ascending (the order
+    # of boolean-mask indexing). Computed here, on the CPU in a loader worker, so the model can gather
+    # hidden states without asking the GPU how many positions there are (a host sync per micro-step).
+    text = (batch["asst_targets"] != IGNORE) | (batch["dst_targets"] != IGNORE)
+    heads = (batch["speak_labels"] != IGNORE) | (batch["dst_labels"] != IGNORE)
+    batch["text_rows"] = torch.from_numpy(np.flatnonzero(text.numpy().reshape(-1)))
+    batch["head_rows"] = torch.from_numpy(np.flatnonzero(heads.numpy().reshape(-1)))
+    batch["decision_rows"] = torch.from_numpy(np.flatnonzero(batch["decision_mask"].numpy().reshape(-1)))
+    batch["has_padding"] = bool((attention == 0).any())
     if "epoch" in items[0]:
         batch["epoch"] = items[0]["epoch"]
         batch["cursor"] = items[0]["cursor"]

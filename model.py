@@ -160,6 +160,8 @@ class VideoAssistant(nn.Module):
         head_mask: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        text_rows: torch.Tensor | None = None,
+        head_rows: torch.Tensor | None = None,
     ) -> dict:
         """Run the backbone; LM head at text_mask positions, decision heads at head_mask positions.
 
@@ -168,6 +170,10 @@ class VideoAssistant(nn.Module):
         bool over the new positions (None = no positions). past_key_values: a DynamicCache holding `past`
         earlier positions (streaming, B = 1). Returns text_logits (n_text, V), speak_logits and dst_logits
         (n_head,), all fp32 and in row-major (b, t) order, plus past_key_values when use_cache.
+        
+        text_rows / head_rows (optional, both or neither): the same positions as flat indices into (B*T),
+        ascending, precomputed by the collator on the CPU. With them the forward needs no host sync
+        (the training hot path); with masks, sizing the gathers costs one (streaming, tests).
         """
         B, T = input_ids.shape
         no_positions = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -184,19 +190,28 @@ class VideoAssistant(nn.Module):
             )
 
         image_mask = input_ids == self.image_token_id  # (B, T)
-        # Host sync: gathering rows needs their counts on the host, and so does the image-count check. One
-        # sync for all three, up front while the device queue is short. (transformers' mask building adds
-        # one more when an attention_mask is passed: it checks whether the mask is all ones.)
-        n_image, n_text, n_head = torch.stack([image_mask.sum(), text_mask.sum(), head_mask.sum()]).tolist()
         n_features = 0 if frame_features is None else frame_features.shape[0]
-        if n_image != n_features:
-            raise ValueError(
-                f"the batch has {n_image} <image> tokens but frame_features has {n_features} rows; "
-                f"there must be one feature row per <image> token, in (batch, position) order"
-            )
+        if (text_rows is None) != (head_rows is None):
+            raise ValueError("pass both text_rows and head_rows, or neither")
+        if text_rows is None:
+            # Host sync: gathering rows needs their counts on the host, and so does the image-count check.
+            # One sync for all three, up front while the device queue is short. (transformers' mask building
+            # adds one more when an attention_mask is passed: it checks whether the mask is all ones.)
+            n_image, n_text, n_head = torch.stack([image_mask.sum(), text_mask.sum(), head_mask.sum()]).tolist()
+            if n_image != n_features:
+                raise ValueError(
+                    f"the batch has {n_image} <image> tokens but frame_features has {n_features} rows; "
+                    f"there must be one feature row per <image> token, in (batch, position) order"
+                )
+            # nonzero_static with the counts from above: no second sync
+            text_rows = torch.nonzero_static(text_mask.reshape(-1), size=n_text).squeeze(1)  # (n_text,)
+            head_rows = torch.nonzero_static(head_mask.reshape(-1), size=n_head).squeeze(1)  # (n_head,)
+        else:
+            # Checked on the device, no sync: a mismatch fails at the next synchronising call.
+            torch._assert_async(image_mask.sum() == n_features, "<image> tokens != frame_features rows")
 
         inputs_embeds = self.embed(input_ids)  # (B, T, H) fp32
-        if n_image > 0:
+        if n_features > 0:
             projected = self.projector(frame_features.to(self.projector[0].weight.dtype))  # (N, H)
             # masked_scatter fills the masked (b, t) slots in row-major order with consecutive rows
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), projected.to(inputs_embeds.dtype))
@@ -211,9 +226,6 @@ class VideoAssistant(nn.Module):
         )
         hidden = decoder_out.last_hidden_state.reshape(B * T, -1)  # (B*T, H), after the final norm
 
-        # nonzero_static with the counts from above: no second sync
-        text_rows = torch.nonzero_static(text_mask.reshape(-1), size=n_text).squeeze(1)  # (n_text,)
-        head_rows = torch.nonzero_static(head_mask.reshape(-1), size=n_head).squeeze(1)  # (n_head,)
 
         lm_head = self.backbone.get_output_embeddings()
         text_hidden = hidden.index_select(0, text_rows)  # (n_text, H)

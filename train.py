@@ -34,7 +34,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import Config, ConfigError, OptimConfig, load_config, to_yaml
-from data import IGNORE, ClipDataset, ClipBatchSampler, Collator, DataError, collate, load_tokenizer, rho_at
+from data import ClipDataset, ClipBatchSampler, Collator, DataError, collate, load_tokenizer, rho_at
 from model import (
     activation_checkpointing_active, build_model, describe, flops_per_token, load_model_state,
     model_state_for_checkpoint, param_groups, set_activation_checkpointing,
@@ -104,12 +104,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def model_inputs(batch: dict, all_frames: bool = False) -> dict:
-    """The model's view of a batch: which positions need LM logits and which need head logits."""
-    text_mask = (batch["asst_targets"] != IGNORE) | (batch["dst_targets"] != IGNORE)
-    head_mask = batch["decision_mask"] if all_frames else (batch["speak_labels"] != IGNORE) | (batch["dst_labels"] != IGNORE)
+    """The model's view of a batch: which positions need LM logits and which need head logits.
+
+    The positions come as flat row indices precomputed by the collator (no host sync in the forward);
+    without padding the attention mask is left out (transformers inspects a given mask on the host).
+    `all_frames` reads the heads at every decision position (validation, streaming comparisons)."""
     return dict(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], frame_features=batch["frame_features"],
-        text_mask=text_mask, head_mask=head_mask,
+        input_ids=batch["input_ids"], frame_features=batch["frame_features"],
+        attention_mask=batch["attention_mask"] if batch["has_padding"] else None,
+        text_rows=batch["text_rows"], head_rows=batch["decision_rows"] if all_frames else batch["head_rows"],
     )
 
 
@@ -166,14 +169,13 @@ def evaluate_loss(model, dataset: ClipDataset, cfg: Config, device, dtype, rank:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for indices in batches:
         batch = to_device(collate([dataset.item(i) for i in indices], pad_id), device)
-        inputs = model_inputs(batch)
         with autocast:
-            outputs = model(**inputs)
+            outputs = model(**model_inputs(batch))
         _, parts = losses.compute_loss(outputs, batch, counts, cfg.loss)
         parts_sum += torch.stack([parts[k].double() for k in PART_KEYS])
-        head_mask = inputs["head_mask"]
-        hists["speak"] += losses.head_histograms(outputs["speak_logits"], batch["speak_labels"][head_mask], HIST_BINS)
-        hists["dst"] += losses.head_histograms(outputs["dst_logits"], batch["dst_labels"][head_mask], HIST_BINS)
+        speak_labels, dst_labels = losses.head_labels(batch, outputs["speak_logits"].shape[0])
+        hists["speak"] += losses.head_histograms(outputs["speak_logits"], speak_labels, HIST_BINS)
+        hists["dst"] += losses.head_histograms(outputs["dst_logits"], dst_labels, HIST_BINS)
     # Every rank runs the same collectives, also one that had no validation batch.
     all_reduce(parts_sum, world_size)
     for h in hists.values():
