@@ -1,0 +1,48 @@
+"""Shared set-up for the benchmarks: the repository on sys.path, model shapes, device facts, JSON output."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# Random-init backbones of real shapes (no weights needed): the demo's tiny Llama, and Llama-3.2-1B's shape.
+SHAPES = {
+    "demo": None,  # the config.json in model.path
+    "llama1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    ),
+}
+
+
+def build(cfg, tokenizer, shape: str):
+    from model import build_model, build_model_from_config_dict
+
+    torch.manual_seed(cfg.train.seed)
+    if SHAPES[shape] is None:
+        return build_model(cfg, tokenizer)
+    return build_model_from_config_dict(SHAPES[shape], tokenizer, cfg)
+
+
+def device_facts(device: torch.device) -> dict:
+    facts = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+             "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return facts
+
+
+def emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
