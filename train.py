@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import losses
 from checkpoint import (
-    find_resume, load_model_tensors, load_optimizer_state, load_rng_state, read_trainer_state, rng_state,
+    find_resume, list_checkpoints, load_model_tensors, load_optimizer_state, load_rng_state, read_trainer_state, rng_state,
     save_checkpoint,
 )
 from config import Config, ConfigError, OptimConfig, load_config, to_yaml
@@ -144,6 +144,48 @@ def forward_backward(model, micro_batches: list[dict], cfg: Config, world_size: 
     return step_parts, counts
 
 
+def search_micro_batch(fits, start: int, limit: int) -> int:
+    """The largest micro-batch in start, 2*start, 4*start, ... <= limit for which `fits(micro_batch)` holds.
+    `fits` is probed in increasing order and the search stops at the first failure (memory only grows)."""
+    best = 0
+    candidate = start
+    while candidate <= limit and fits(candidate):
+        best = candidate
+        candidate *= 2
+    return best
+
+
+def auto_micro_batch(model, dataset: ClipDataset, cfg: Config, device, autocast, world_size: int) -> tuple[int, int]:
+    """train.auto_batch: the largest micro-batch whose forward + backward on the longest clips, plus the fp32
+    AdamW states, stays under 90% of device memory. Keeps the global batch when it divides evenly."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer_bytes = 2 * 4 * trainable  # exp_avg + exp_avg_sq in fp32, allocated at the first step
+    longest = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    def fits(micro_batch: int) -> bool:
+        picks = [longest[i % len(longest)] for i in range(micro_batch)]
+        batch = to_device(collate([dataset.item(i, 0, 1.0) for i in picks], dataset.renderer.pad_id), device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            forward_backward(model, [batch], cfg, 1, autocast, scaler)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) + optimizer_bytes
+        except torch.OutOfMemoryError:
+            peak = float("inf")
+        model.zero_grad(set_to_none=True)
+        return peak < 0.9 * total
+
+    per_rank = cfg.train.micro_batch * cfg.train.grad_accum
+    micro_batch = search_micro_batch(fits, 1, per_rank)
+    if micro_batch == 0:
+        raise RuntimeError("train.auto_batch: even one clip of the longest length does not fit in 90% of the GPU")
+    accum = per_rank // micro_batch if per_rank % micro_batch == 0 else cfg.train.grad_accum
+    return micro_batch, accum
+
+
 # ----------------------------------------------------------------------------------------------------
 # Validation: losses at rho = 1 and per-head decision quality, from counts all-reduced over ranks
 
@@ -229,7 +271,8 @@ def format_train_line(r: dict) -> str:
     return (
         f"step {r['step']:>6} | loss {r['loss']:.4f} | asst {r['asst_ce']:.4f} dst {r['dst_ce']:.4f} "
         f"speak {r['speak_bce']:.4f} upd {r['dst_bce']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | "
-        f"tok/s {r['tokens_per_s']:.0f} | fr/s {r['frames_per_s']:.1f} | mfu {mfu} | mem {r['peak_mem_gb']:.2f}GB | "
+        f"tok/s {r['tokens_per_s']:.0f} | fr/s {r['frames_per_s']:.1f} | tok/step {r['tokens_per_step']:.0f} | "
+        f"mfu {mfu} | mem {r['peak_mem_gb']:.2f}GB | "
         f"tgt asst {r['n_asst']} dst {r['n_dst']} speak +{r['n_speak_pos']}/-{r['n_speak_neg']} "
         f"upd +{r['n_dst_pos']}/-{r['n_dst_neg']} | skipped {r['skipped_steps']}"
     )
@@ -275,6 +318,11 @@ def train(cfg: Config) -> dict:
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     dtype, use_scaler, precision_reason = choose_precision(cfg.train.precision, device.type, capability)
     resume_from = find_resume(cfg)
+    if cfg.train.resume == "never" and list_checkpoints(run_dir):
+        raise ConfigError(
+            f"train.resume=never but {run_dir} already holds checkpoints; a fresh run there would rotate them "
+            f"away. Choose another run.name (or run.dir), or resume with train.resume=auto"
+        )
 
     # -- model: the same initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
     torch.manual_seed(cfg.train.seed)
@@ -287,6 +335,17 @@ def train(cfg: Config) -> dict:
     # -- data
     train_set = ClipDataset(cfg, "train", tokenizer)
     val_set = ClipDataset(cfg, "val", tokenizer) if cfg.train.eval_every else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if cfg.train.auto_batch:
+        if device.type != "cuda":
+            print("train.auto_batch is for GPUs; on CPU the configured micro-batch is used")
+        else:
+            model.train()
+            mb, acc = auto_micro_batch(model, train_set, cfg, device, autocast, world_size)
+            if master:
+                print(f"train.auto_batch: micro_batch {cfg.train.micro_batch} -> {mb}, grad_accum "
+                      f"{cfg.train.grad_accum} -> {acc} (largest under 90% of GPU memory on the longest clips)")
+            cfg.train.micro_batch, cfg.train.grad_accum = mb, acc
     accum = cfg.train.grad_accum
     sampler = ClipBatchSampler(
         train_set.lengths, cfg.train.micro_batch, rank, world_size, cfg.train.seed, cfg.data.length_grouping,
@@ -367,7 +426,6 @@ def train(cfg: Config) -> dict:
     peak = peak_flops(device, dtype)
     mean_len = sum(train_set.lengths) / len(train_set.lengths)
     flops_token = flops_per_token(raw_model, int(mean_len))
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     # Resume puts the RNG exactly where the interrupted run had it (dropout masks continue identically).
     if resume_from is not None:
         load_rng_state(resume_from, rank)
@@ -453,7 +511,8 @@ def train(cfg: Config) -> dict:
                 "kind": "train", "step": state["step"], **dict(zip(PART_KEYS, parts_mean)),
                 **{f"n_{k}": c for k, c in zip(losses.COUNT_KEYS, counts_list)},
                 "lr": lr, "grad_norm": float(window_norm) / good, "tokens_per_s": tokens_per_s,
-                "frames_per_s": frames / elapsed,
+                "frames_per_s": frames / elapsed, "tokens_per_step": tokens / window_steps,
+                "frames_per_step": frames / window_steps,
                 "mfu": (tokens_per_s * flops_token / (peak * world_size)) if peak else None,
                 "peak_mem_gb": peak_memory_gb(device), "rho": rho_at(cfg, step), "epoch": state["epoch"],
                 "skipped_steps": state["skipped_steps"],

@@ -321,3 +321,52 @@ def test_non_finite_loss_is_skipped_and_counted(demo_dir, tmp_path, monkeypatch)
                       tiny_overrides(demo_dir, tmp_path / "nan2", **{"train.max_steps": 10, "train.max_bad_steps": 3}))
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"), pytest.warns(UserWarning):
         train.train(cfg)
+
+
+def test_micro_batch_search():
+    limit_clips = 11  # pretend 11 clips fit
+    probed = []
+
+    def fits(mb):
+        probed.append(mb)
+        return mb <= limit_clips
+
+    assert train.search_micro_batch(fits, 1, 64) == 8
+    assert probed == [1, 2, 4, 8, 16]  # stops at the first failure
+    assert train.search_micro_batch(lambda mb: True, 1, 6) == 4  # never above the configured per-rank batch
+    assert train.search_micro_batch(lambda mb: False, 1, 8) == 0
+
+
+def test_half_precision_keeps_fp32_weights_and_optimizer_states(demo_dir, tmp_path):
+    """bf16 compute with bf16-stored frozen weights: trainable weights and AdamW states stay fp32."""
+    run_dir = tmp_path / "bf16"
+    run_train(tiny_overrides(demo_dir, run_dir, **{
+        "train.precision": "bf16", "model.trainable": "lora", "model.frozen_dtype": "bf16", "model.lora_rank": 4,
+        "model.lora_alpha": 8, "model.init": "scratch", "train.max_steps": 2}))
+    state = torch.load(run_dir / "step_2" / "optimizer.pt", weights_only=True)
+    moments = [t for s in state["state"].values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    saved = load_file(str(run_dir / "step_2" / "model.safetensors"))
+    lora = [k for k in saved if "lora_" in k]
+    assert lora and all(saved[k].dtype == torch.float32 for k in lora)
+    assert saved["speak_head.weight"].dtype == torch.float32
+    # scratch init saves the (random, frozen) backbone too, stored in bf16 as configured
+    assert saved["backbone.model.layers.0.mlp.up_proj.base.weight"].dtype == torch.bfloat16
+
+
+def test_demo_training_reduces_every_loss(demo_dir, tmp_path):
+    """A short demo run: each loss component falls well below its start (the full demo is in the README)."""
+    run_dir = tmp_path / "learn"
+    run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 40, "train.micro_batch": 4, "optim.lr": 3e-3,
+                                                    "optim.warmup_steps": 5, "train.log_every": 5}))
+    records = train_records(run_dir)
+    first, last = records[5], records[40]
+    for field in ("asst_ce", "dst_ce", "speak_bce", "dst_bce"):
+        assert last[field] < 0.7 * first[field], (field, first[field], last[field])
+
+
+def test_resume_never_refuses_to_clobber(demo_dir, tmp_path):
+    run_dir = tmp_path / "r"
+    run_train(tiny_overrides(demo_dir, run_dir))
+    result = run_train(tiny_overrides(demo_dir, run_dir, **{"train.resume": "never"}), check=False)
+    assert result.returncode == 1 and "already holds checkpoints" in result.stderr
