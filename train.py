@@ -378,7 +378,7 @@ def train(cfg: Config) -> dict:
         if saved["world_size"] * saved["micro_batch"] * saved["grad_accum"] != world_size * cfg.train.micro_batch * accum:
             raise ConfigError(
                 f"{resume_from}: saved with global batch {saved['world_size']}x{saved['micro_batch']}x{saved['grad_accum']}, "
-                f"now {world_size}x{cfg.train.micro_batch}x{accum}; resume with the same batch arithmetic or train.resume=never"
+                f"now {world_size}x{cfg.train.micro_batch}x{accum}; resume with the same batch arithmetic, or start a new run (another run.name)"
             )
         state.update({k: saved[k] for k in state})
         if saved.get("scaler"):
