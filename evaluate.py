@@ -440,11 +440,14 @@ def write_report(path: Path, result: dict, videos: list[Video], all_records: lis
             return "–"
         return f"{v:.4f}" if isinstance(v, float) else esc(str(v))
 
-    rows = []
-    for block in ("speak", "nlg", "dst"):
-        rows += [f"<tr><td>{block}</td><td>{esc(k)}</td><td>{fmt(v)}</td></tr>" for k, v in result[block].items()]
-    for head, vals in result["decisions"].items():
-        rows += [f"<tr><td>decisions.{head}</td><td>{esc(k)}</td><td>{fmt(v)}</td></tr>" for k, v in vals.items()]
+    blocks = [(name, result[name]) for name in ("speak", "nlg", "dst")]
+    blocks += [(f"decisions.{head}", values) for head, values in result["decisions"].items()]
+    # One small table per block: metric names as the header row, values below.
+    summary = "".join(
+        f"<h3>{esc(name)}</h3><table><tr>{''.join(f'<th>{esc(k)}</th>' for k in values)}</tr>"
+        f"<tr>{''.join(f'<td>{fmt(v)}</td>' for v in values.values())}</tr></table>"
+        for name, values in blocks
+    )
     sections = []
     for video, records, vm in zip(videos, all_records, speak_matches):
         pairs = "".join(
@@ -470,7 +473,7 @@ td,th{{border:1px solid #ddd;padding:2px 8px;font-size:13px;text-align:left}}sma
 <p>checkpoint <code>{esc(result['checkpoint'])}</code> · split <b>{esc(result['split'])}</b> · {result['num_videos']} videos ·
 {result['num_frames']} frames · thresholds speak {thresholds.speak} / dst {thresholds.dst} · embedder {esc(result['embedder'])} ·
 {result['frames_per_second']:.1f} frames/s</p>
-<h2>Summary</h2><table><tr><th>block</th><th>metric</th><th>value</th></tr>{''.join(rows)}</table>{sweep}
+<h2>Summary</h2>{summary}{sweep}
 <h2>Videos</h2>{''.join(sections)}</body></html>"""
     path.write_text(page)
 
