@@ -507,8 +507,8 @@ class FrameStore:
             f"(a per-video file needs >= {clip.end}, a per-clip file exactly {clip.num_frames})"
         )
 
-    def features(self, clip: Clip) -> np.ndarray:
-        """(num_frames * I, F) float32, frame-major, cls first then patches row-major."""
+    def _read(self, clip: Clip, num_frames: int) -> np.ndarray:
+        """(num_frames, I, F) float32 from the clip's first frame on; layout, columns and dim checked."""
         layout, first_row = self.layout(clip)
         where = f"{clip.frames_path} (clip {clip.index} {clip.video_uid})"
         if layout == "raw":
@@ -523,21 +523,33 @@ class FrameStore:
             raise DataError(
                 f"{where}: I={self.num_tokens_per_frame} needs columns {list(columns)}, missing {missing}"
             )
-        n = clip.num_frames
         parts = []
         for name in columns:
             cells = CELLS_PER_COLUMN[name]
-            values = _column_values(table.column(name).slice(first_row, n), n, cells, clip.frames_path, name)
+            column = table.column(name).slice(first_row, num_frames)
+            values = _column_values(column, num_frames, cells, clip.frames_path, name)
             dim = values.shape[1] // cells
             if dim != self.feature_dim:
                 raise DataError(f"{where}: column '{name}' has feature dim {dim}, data.feature_dim is {self.feature_dim}")
-            parts.append(values.reshape(n, cells, dim))
-        features = np.concatenate(parts, axis=1)  # (n, I, F)
+            parts.append(values.reshape(num_frames, cells, dim))
+        return np.concatenate(parts, axis=1)
+
+    def check(self, clip: Clip) -> None:
+        """Cheap start-up check (file, layout, rows, columns, dim from one row) so that training never dies
+        mid-run on a clip it could have refused before starting. `features` also checks the values."""
+        self._read(clip, 1)
+
+    def features(self, clip: Clip) -> np.ndarray:
+        """(num_frames * I, F) float32, frame-major, cls first then patches row-major."""
+        features = self._read(clip, clip.num_frames)  # (n, I, F)
         bad = ~np.isfinite(features).all(axis=(1, 2))
         if bad.any():
             frame = clip.start + int(np.argmax(bad))
-            raise DataError(f"{where}: non-finite feature values at frame {frame} ({int(bad.sum())} frames affected)")
-        return features.reshape(n * self.num_tokens_per_frame, self.feature_dim)
+            raise DataError(
+                f"{clip.frames_path} (clip {clip.index} {clip.video_uid}): non-finite feature values at frame "
+                f"{frame} ({int(bad.sum())} frames affected)"
+            )
+        return features.reshape(clip.num_frames * self.num_tokens_per_frame, self.feature_dim)
 
     def raw_frames(self, clip: Clip) -> list[bytes]:
         """Decoded JPEG bytes of the clip's frames (raw-frame layout)."""
@@ -745,7 +757,7 @@ class ItemKey:
 class ClipDataset:
     """A split's validated clips; items are rendered and labelled on demand (features read per clip)."""
 
-    def __init__(self, cfg: Config, split: str, tokenizer, check_frames: bool = False):
+    def __init__(self, cfg: Config, split: str, tokenizer, full_frame_check: bool = False):
         self.cfg = cfg
         self.split = split
         clips, problems = load_split(cfg, split)
@@ -775,9 +787,18 @@ class ClipDataset:
             clips = [clips[i] for i in keep]
             self.lengths = [self.lengths[i] for i in keep]
         self.clips = clips
-        if check_frames:
-            for clip in clips:
-                self.store.features(clip)
+        # Every clip's frames file is opened once now (layout, rows, columns, dim), not discovered broken
+        # hours into training; `full_frame_check` also reads every value (what `data.py validate` does).
+        problems = []
+        for clip in clips:
+            try:
+                self.store.features(clip) if full_frame_check else self.store.check(clip)
+            except DataError as err:
+                problems.append(str(err))
+        if problems:
+            more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise DataError(f"split '{split}': {len(problems)} clip(s) with unusable frames:\n"
+                            + "\n".join(problems[:10]) + more)
 
     def __len__(self) -> int:
         return len(self.clips)

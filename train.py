@@ -34,6 +34,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import Config, ConfigError, OptimConfig, load_config, to_yaml
+from plots import write_training_curves
 from data import ClipDataset, ClipBatchSampler, Collator, DataError, collate, load_tokenizer, rho_at
 from model import (
     activation_checkpointing_active, build_model, describe, flops_per_token, load_model_state,
@@ -529,11 +530,15 @@ def train(cfg: Config) -> dict:
                 state["best_val_loss"] = val["loss"]
             logger.write({"kind": "val", "step": state["step"], **val}, format_val_line(state["step"], val))
             last_record = {**last_record, "val": val}
+            if master:
+                write_training_curves(run_dir)
 
         if saving:
             last_ckpt = save(cfg, run_dir, raw_model, optimizer, scaler, state, tokenizer, world_size, rank,
                              cfg.train.micro_batch, accum)
     bar.close()
+    if master:
+        print(f"training curves: {write_training_curves(run_dir)}")
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -493,3 +493,10 @@ def test_make_demo_cli_deterministic_and_valid(tmp_path):
     r = run("validate", str(tmp_path / "demo.yaml"), f"data.root={tmp_path / 'a'}", f"model.path={tmp_path / 'a' / 'model'}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 error(s)" in r.stdout
+
+
+def test_dataset_refuses_missing_frames_before_training(tmp_path, sample_clip, tokenizer_dir):
+    cfg = make_split(tmp_path, [sample_clip], tokenizer_dir)
+    (tmp_path / "feat" / f"{sample_clip['video_uid']}.arrow").unlink()
+    with pytest.raises(data.DataError, match=r"1 clip\(s\) with unusable frames:\n.*frames file not found"):
+        data.ClipDataset(cfg, "train", data.load_tokenizer(tokenizer_dir))

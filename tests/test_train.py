@@ -363,6 +363,8 @@ def test_demo_training_reduces_every_loss(demo_dir, tmp_path):
     first, last = records[5], records[40]
     for field in ("asst_ce", "dst_ce", "speak_bce", "dst_bce"):
         assert last[field] < 0.7 * first[field], (field, first[field], last[field])
+    curves = (run_dir / "curves.html").read_text()
+    assert curves.count("<polyline") >= 7 and "training losses" in curves
 
 
 def test_resume_never_refuses_to_clobber(demo_dir, tmp_path):
