@@ -1038,7 +1038,7 @@ def cmd_show(args) -> int:
         for i, k in enumerate(range(clip.start, clip.end)):
             ev = rendered.frame_texts.get(k, FrameEvents())
             frames.append({
-                "frame": k, "time": (k + 1) / clip.fps, "decision_position": int(rendered.decision_positions[i]),
+                "frame": k, "time": k / clip.fps, "decision_position": int(rendered.decision_positions[i]),
                 "speak_label": int(rendered.speak_events[i]), "dst_label": int(rendered.dst_events[i]),
                 "user_text": " ".join(ev.user_texts) if ev.user_texts else None,
                 "dst_text": format_transitions(ev.transitions) if ev.transitions else None,

@@ -386,7 +386,7 @@ def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
     for rec, pred_state, ref_state in zip(records, pred_states, ref_states):
         ev = video.events.get(rec.frame, FrameEvents())
         lines.append({
-            "video_uid": video.video_uid, "frame": rec.frame, "time": (rec.frame + 1) / video.fps,
+            "video_uid": video.video_uid, "frame": rec.frame, "time": rec.frame / video.fps,
             "p_speak": rec.p_speak, "p_dst": rec.p_dst, "speak": rec.speak, "dst": rec.dst,
             "asst_text": rec.asst_text, "dst_text": rec.dst_text,
             "transitions": [list(t) for t in rec.transitions], "num_invalid": rec.num_invalid,
