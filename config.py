@@ -215,6 +215,12 @@ def parse_override(cfg: Config, text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
 
 
+def apply_override(cfg: Config, text: str) -> None:
+    """Apply one dotted `key=value` override to an existing config (e.g. one read from a checkpoint)."""
+    key, value = parse_override(cfg, text)
+    _set(cfg, key, value, f"override '{text}'")
+
+
 def apply_dict(cfg: Config, tree: dict, source: str) -> None:
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
@@ -239,8 +245,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
         apply_dict(cfg, tree, str(path))
     for text in overrides or []:
-        key, value = parse_override(cfg, text)
-        _set(cfg, key, value, f"override '{text}'")
+        apply_override(cfg, text)
     if not cfg.run.name:
         cfg.run.name = Path(path).stem if path is not None else "run"
     if not cfg.run.dir:

@@ -31,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 import metrics
+from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, apply_override, load_config
 from data import (
     Clip, DataError, FrameEvents, FrameStore, Renderer, Step, apply_transition, format_transitions, load_split,
     load_tokenizer, parse_transitions,
@@ -143,7 +144,8 @@ class Thresholds:
 class StreamingRunner:
     """One video at a time, one frame at a time, KV cache on. Context pieces come from data.Renderer."""
 
-    def __init__(self, model, renderer: Renderer, cfg: Config, device: torch.device, teacher_forced: bool = False):
+    def __init__(self, model, renderer: Renderer, cfg: Config, device: torch.device, teacher_forced: bool = False,
+                 dtype: torch.dtype = torch.float32):
         from transformers import DynamicCache
 
         self.model = model
@@ -154,6 +156,8 @@ class StreamingRunner:
         self.cache_class = DynamicCache
         self.budget = cfg.data.max_seq_len - cfg.eval.context_margin
         self.context_resets = 0
+        # The same compute precision as training; the heads run in fp32 inside the model regardless.
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     # -- the model calls -----------------------------------------------------------------------------
     def _forward(self, ids: list[int], feats: Optional[np.ndarray], want_heads: bool, want_text: bool):
@@ -163,11 +167,12 @@ class StreamingRunner:
         frame_features = None
         if feats is not None and len(feats):
             frame_features = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device)
-        out = self.model(
-            input_ids=input_ids, frame_features=frame_features,
-            text_mask=mask_last if want_text else None, head_mask=mask_last if want_heads else None,
-            past_key_values=self.cache, use_cache=True,
-        )
+        with self.autocast:
+            out = self.model(
+                input_ids=input_ids, frame_features=frame_features,
+                text_mask=mask_last if want_text else None, head_mask=mask_last if want_heads else None,
+                past_key_values=self.cache, use_cache=True,
+            )
         self.cache = out["past_key_values"]
         self.history.append((ids, feats))
         return out
@@ -514,6 +519,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--teacher-forced", action="store_true", help="ground-truth DST/assistant blocks as context")
     parser.add_argument("--embedder", help="minilm (default), bow, or a sentence-encoder directory (eval.embedder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="compute precision (auto: bf16 on compute capability >= 8.0, fp16 below, fp32 on CPU)")
     args = parser.parse_args(argv)
     try:
         return evaluate(args)
@@ -536,10 +543,8 @@ def evaluate(args) -> int:
             tokenizer = None
         else:
             model, tokenizer, cfg = load_for_inference(ckpt, device)
-        from config import _set, parse_override
         for text in args.overrides:
-            key, value = parse_override(cfg, text)
-            _set(cfg, key, value, f"override '{text}'")
+            apply_override(cfg, text)
         source = str(ckpt)
     else:
         cfg = load_config(args.config, args.overrides)
@@ -575,8 +580,13 @@ def evaluate(args) -> int:
     embed = metrics.load_embedder(embedder_choice)
     runner = None
     if model is not None:
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        dtype, _, reason = choose_precision(args.precision, device.type, capability)
+        if dtype == torch.float32:
+            model.float()  # frozen weights stored in fp16/bf16 are exact in fp32; no autocast to pair them with
+        print(f"precision: {dtype} ({reason})", file=sys.stderr)
         renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
-        runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced)
+        runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced, dtype=dtype)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     speak_list = parse_list(args.sweep_speak) or [thresholds.speak]

@@ -318,6 +318,11 @@ def train(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     dtype, use_scaler, precision_reason = choose_precision(cfg.train.precision, device.type, capability)
+    if cfg.model.frozen_dtype != "fp32" and dtype == torch.float32:
+        raise ConfigError(
+            f"model.frozen_dtype={cfg.model.frozen_dtype} needs fp16/bf16 compute, but train.precision="
+            f"{cfg.train.precision} gives fp32 here ({precision_reason}); set model.frozen_dtype=fp32 on this device"
+        )
     resume_from = find_resume(cfg)
     if cfg.train.resume == "never" and list_checkpoints(run_dir):
         raise ConfigError(

@@ -41,21 +41,21 @@ def main() -> None:
         cfg = load_config(args.config, args.overrides)
         tokenizer = load_tokenizer(cfg.model.path)
         model = build(cfg, tokenizer, args.shape).to(device).eval()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     clips, _ = load_split(cfg, args.split)
     videos = evaluate.assemble_videos(clips)[:args.max_videos]
     store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
     features = [evaluate.video_features(v, store, cfg.data.num_tokens_per_frame) for v in videos]
-    runner = evaluate.StreamingRunner(model, Renderer(tokenizer, cfg.data.num_tokens_per_frame), cfg, device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    if dtype == torch.float32:
+        model.float()
+    runner = evaluate.StreamingRunner(model, Renderer(tokenizer, cfg.data.num_tokens_per_frame), cfg, device, dtype=dtype)
     thresholds = evaluate.Thresholds(-1.0, -1.0) if args.always_fire else evaluate.Thresholds(
         cfg.eval.speak_threshold, cfg.eval.dst_threshold)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with autocast:
-        start = time.perf_counter()
-        records = [runner.run(v, f, thresholds) for v, f in zip(videos, features)]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    records = [runner.run(v, f, thresholds) for v, f in zip(videos, features)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     frames = sum(len(r) for r in records)
     fired = sum(r.speak + r.dst for rs in records for r in rs)
     fps = frames / seconds

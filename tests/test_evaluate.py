@@ -151,3 +151,28 @@ def test_bad_inputs_fail_clearly(tiny_ckpt, tmp_path, capsys):
     empty.write_text("[]")
     assert evaluate.main(["--ckpt", str(tiny_ckpt), "--embedder", "bow", f"data.test={empty}"]) == 1
     assert "has no videos" in capsys.readouterr().err
+
+
+def test_repetition_guard():
+    repeats = evaluate.StreamingRunner._repeats
+    assert repeats([1, 2, 3, 1, 2, 3], 3)
+    assert not repeats([1, 2, 3, 4, 5, 6], 3)
+    assert not repeats([1, 2, 1, 2], 0)  # 0 = off
+    assert repeats([7, 7, 7, 7], 2)
+
+
+def test_half_stored_frozen_weights_evaluate_on_cpu(demo_dir, tmp_path):
+    """A LoRA run with bf16-stored frozen weights (trained under bf16 autocast) evaluates on CPU in fp32."""
+    from test_train import run_train, tiny_overrides
+    run_dir = tmp_path / "lora_bf16"
+    run_train(tiny_overrides(demo_dir, run_dir, **{
+        "train.precision": "bf16", "model.trainable": "lora", "model.frozen_dtype": "bf16", "model.lora_rank": 4,
+        "model.lora_alpha": 8, "train.max_steps": 1}))
+    out = tmp_path / "e"
+    assert evaluate.main(["--ckpt", str(run_dir / "step_1"), "--split", "val", "--max-videos", "1", "--embedder", "bow",
+                          "--out", str(out), "eval.max_new_tokens=3", "eval.max_dst_tokens=3"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["num_frames"] > 0
+    # ... and training with half-stored frozen weights but fp32 compute is refused up front.
+    result = run_train(tiny_overrides(demo_dir, tmp_path / "bad", **{"model.frozen_dtype": "fp16",
+                                                                     "model.trainable": "lora"}), check=False)
+    assert result.returncode == 1 and "needs fp16/bf16 compute" in result.stderr
