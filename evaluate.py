@@ -487,9 +487,12 @@ td,th{{border:1px solid #ddd;padding:2px 8px;font-size:13px;text-align:left}}sma
 # Driver
 
 
-def run_split(runner: Optional[StreamingRunner], videos, features, thresholds, oracle: bool, desc: str):
+def run_split(runner: Optional[StreamingRunner], videos: list[Video], store: FrameStore, thresholds: Thresholds,
+              oracle: bool, desc: str) -> list[list[FrameRecord]]:
+    """Stream every video; features are read one video at a time (memory-mapped), never the whole split."""
     all_records = []
-    for video, feats in tqdm(list(zip(videos, features)), desc=desc, unit="video", dynamic_ncols=True):
+    for video in tqdm(videos, desc=desc, unit="video", dynamic_ncols=True):
+        feats = video_features(video, store, store.num_tokens_per_frame)  # also checks the oracle's files
         all_records.append(oracle_records(video) if oracle else runner.run(video, feats, thresholds))
     return all_records
 
@@ -574,7 +577,9 @@ def evaluate(args) -> int:
     if not videos:
         raise DataError(f"split '{split}' has no videos to evaluate")
     store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
-    features = [video_features(v, store, cfg.data.num_tokens_per_frame) for v in videos]
+    for video in videos:  # every clip's frames file, opened before hours of streaming rather than during
+        for clip in video.clips:
+            store.check(clip)
 
     embedder_choice = args.embedder or cfg.eval.embedder or "minilm"
     embed = metrics.load_embedder(embedder_choice)
@@ -596,7 +601,7 @@ def evaluate(args) -> int:
         for d in dst_list:
             th = Thresholds(s, d)
             start = time.perf_counter()
-            all_records = run_split(runner, videos, features, th, args.oracle, f"stream speak>{s} dst>{d}")
+            all_records = run_split(runner, videos, store, th, args.oracle, f"stream speak>{s} dst>{d}")
             seconds = time.perf_counter() - start
             blocks, speak_matches = compute_metrics(videos, all_records, embed, th, cfg.eval.zero_cost_quirk)
             num_frames = sum(v.num_frames for v in videos)
