@@ -21,6 +21,7 @@ import base64
 import json
 import math
 import re
+import signal
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -1052,11 +1053,11 @@ def cmd_show(args) -> int:
     for pos, tok in enumerate(rendered.input_ids.tolist()):
         target = rendered.asst_targets[pos] if rendered.asst_targets[pos] != IGNORE else rendered.dst_targets[pos]
         kind = "asst" if rendered.asst_targets[pos] != IGNORE else ("dst" if rendered.dst_targets[pos] != IGNORE else "")
-        target_text = f"{kind}:{tokenizer.convert_ids_to_tokens(int(target))!r}" if kind else ""
+        target_text = f"{kind}:{tokenizer.decode([int(target)])!r}" if kind else ""
         s = "" if speak[pos] == IGNORE else str(speak[pos])
         d = "" if update[pos] == IGNORE else str(update[pos])
         frame = "" if rendered.token_frames[pos] < 0 else str(rendered.token_frames[pos])
-        print(f"{pos:>6} {frame:>6} {tokenizer.convert_ids_to_tokens(tok)!r:<24} {s:>5} {d:>4}  {target_text}")
+        print(f"{pos:>6} {frame:>6} {tokenizer.decode([tok])!r:<24} {s:>5} {d:>4}  {target_text}")
     return 0
 
 
@@ -1098,4 +1099,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python data.py show ... | head` ends quietly
     sys.exit(main())
