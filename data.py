@@ -198,19 +198,34 @@ class Clip:
         return initial_state(self.steps, self.start, self.fps)
 
     def events(self) -> dict[int, FrameEvents]:
-        """Turns grouped by the frame they are attached to; nothing overwrites anything."""
-        by_frame: dict[int, FrameEvents] = {}
-        for turn in self.turns:
-            if turn.frame is None:
-                continue
-            ev = by_frame.setdefault(turn.frame, FrameEvents())
-            if turn.role in ("user", "system"):
-                ev.user_texts.append(turn.content)
-            elif turn.role == "DST_UPDATE":
-                ev.transitions.extend(turn.content)
-            elif turn.role == "assistant":
-                ev.asst_texts.append(turn.content)
-        return by_frame
+        return group_turns(self.turns)
+
+
+def group_turns(turns: list[Turn]) -> dict[int, FrameEvents]:
+    """Timed turns grouped by the frame they are attached to, in list order; nothing overwrites anything."""
+    by_frame: dict[int, FrameEvents] = {}
+    for turn in turns:
+        if turn.frame is None:
+            continue
+        ev = by_frame.setdefault(turn.frame, FrameEvents())
+        if turn.role in ("user", "system"):
+            ev.user_texts.append(turn.content)
+        elif turn.role == "DST_UPDATE":
+            ev.transitions.extend(turn.content)
+        elif turn.role == "assistant":
+            ev.asst_texts.append(turn.content)
+    return by_frame
+
+
+def state_trajectory(initial: dict[str, str], transitions_per_frame) -> list[dict[str, str]]:
+    """The state after each frame: `initial` plus the legal transitions of that frame and all before it
+    (SPEC §4.3). Illegal transitions leave the state unchanged (validation rejects them in the data)."""
+    state, states = dict(initial), []
+    for transitions in transitions_per_frame:
+        for step_id, transition in transitions:
+            apply_transition(state, step_id, transition)
+        states.append(dict(state))
+    return states
 
 
 def _is_number(x: Any) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config
 from config import Config, ConfigError, apply_override, load_config
 from data import (
-    Clip, DataError, FrameEvents, FrameStore, Renderer, Step, apply_transition, format_transitions, load_split,
-    load_tokenizer, parse_transitions,
+    Clip, DataError, FrameEvents, FrameStore, Renderer, Step, apply_transition, format_transitions, group_turns,
+    load_split, parse_transitions, state_trajectory,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,12 +61,8 @@ class Video:
 
     def reference_states(self) -> list[dict[str, str]]:
         """State after each frame's updates (SPEC §4.3: initial + updates at earlier or equal frames)."""
-        state, states = dict(self.initial_state), []
-        for k in range(self.start, self.end):
-            for step_id, transition in self.events.get(k, FrameEvents()).transitions:
-                apply_transition(state, step_id, transition)
-            states.append(dict(state))
-        return states
+        return state_trajectory(self.initial_state, (self.events.get(k, FrameEvents()).transitions
+                                                     for k in range(self.start, self.end)))
 
 
 def assemble_videos(clips: list[Clip]) -> list[Video]:
@@ -85,22 +80,15 @@ def assemble_videos(clips: list[Clip]) -> list[Video]:
         gaps = sorted(set(range(start, end)) - covered)
         if gaps:
             raise DataError(f"video {uid}: its clips leave frames uncovered (first: {gaps[0]}, {len(gaps)} in all)")
-        seen, events = set(), {}
+        # Overlapping clips repeat turns: keep the first of each (frame, role, content).
+        seen, unique = set(), []
         for clip in group:
-            for turn in sorted(clip.turns, key=lambda t: t.index):
-                if turn.frame is None:
-                    continue
+            for turn in clip.turns:
                 key = (turn.frame, turn.role, json.dumps(turn.content))
-                if key in seen:
-                    continue
-                seen.add(key)
-                ev = events.setdefault(turn.frame, FrameEvents())
-                if turn.role in ("user", "system"):
-                    ev.user_texts.append(turn.content)
-                elif turn.role == "DST_UPDATE":
-                    ev.transitions.extend(turn.content)
-                else:
-                    ev.asst_texts.append(turn.content)
+                if turn.frame is not None and key not in seen:
+                    seen.add(key)
+                    unique.append(turn)
+        events = group_turns(unique)
         first = group[0]
         videos.append(Video(uid, first.dataset, first.fps, start, end, first.steps, first.system_text,
                             first.initial_state(), events, group))
@@ -329,12 +317,7 @@ def oracle_records(video: Video) -> list[FrameRecord]:
 
 def predicted_states(video: Video, records: list[FrameRecord]) -> list[dict[str, str]]:
     """The state the stream tracked, after each frame (only legal generated updates applied)."""
-    state, states = dict(video.initial_state), []
-    for rec in records:
-        for step_id, transition in rec.transitions:
-            apply_transition(state, step_id, transition)  # illegal ones leave the state unchanged
-        states.append(dict(state))
-    return states
+    return state_trajectory(video.initial_state, (rec.transitions for rec in records))
 
 
 # ----------------------------------------------------------------------------------------------------

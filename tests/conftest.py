@@ -53,7 +53,6 @@ def write_proassist_features(path: Path, num_rows: int, dim: int = 1152, seed: i
         if name == "cls":
             cls_values = values[:, 0, :]
         if nested:
-            inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim) if False else None
             arr = pa.array([[row.tolist() for row in frame] for frame in values],
                            type=pa.list_(pa.list_(pa.float16())))
         else:

@@ -349,7 +349,7 @@ def test_validate_reports_every_class_in_one_pass(tmp_path, sample_clip, tokeniz
     variant(lambda c: c["conversation"][4]["content"][0].update(transition="finish"))  # 8: unknown transition
     make_split(tmp_path, [good] + bad, tokenizer_dir)
     (tmp_path / "feat" / "missing_video.arrow").unlink()  # clip 8's video has no features file
-    code = data.main(["validate", str(tmp_path / "split.json"), f"data.feature_dim=1152",
+    code = data.main(["validate", str(tmp_path / "split.json"), "data.feature_dim=1152",
                       "data.features_path=" + str(tmp_path) + "/feat/{video_uid}.arrow", f"model.path={tokenizer_dir}"])
     out = capsys.readouterr().out
     lines = [l for l in out.splitlines() if l.startswith("ERROR")]
@@ -461,7 +461,7 @@ def test_collate_right_pads_and_orders_features(sample_setup):
 
 
 def test_show_json(tmp_path, sample_clip, tokenizer_dir, capsys):
-    cfg = make_split(tmp_path, [sample_clip], tokenizer_dir)
+    make_split(tmp_path, [sample_clip], tokenizer_dir)
     (tmp_path / "c.yaml").write_text(json.dumps({
         "data": {"root": str(tmp_path), "train": "split.json", "features_path": "{root}/feat/{video_uid}.arrow"},
         "model": {"path": str(tokenizer_dir)},
@@ -500,3 +500,40 @@ def test_dataset_refuses_missing_frames_before_training(tmp_path, sample_clip, t
     (tmp_path / "feat" / f"{sample_clip['video_uid']}.arrow").unlink()
     with pytest.raises(data.DataError, match=r"1 clip\(s\) with unusable frames:\n.*frames file not found"):
         data.ClipDataset(cfg, "train", data.load_tokenizer(tokenizer_dir))
+
+
+class _Array2D(pa.ExtensionType):
+    """Stands in for HF datasets' Array2D extension type (unknown to plain pyarrow when reading)."""
+
+    def __init__(self):
+        super().__init__(pa.list_(pa.list_(pa.float16(), 4), 1), "datasets.features.features.Array2DExtensionType")
+
+    def __arrow_ext_serialize__(self):
+        return b""
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type, serialized):
+        return cls()
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_fixed_size_and_extension_typed_columns(tmp_path, sample_clip, registered):
+    clip = _clip_with(sample_clip, 3, 8)
+    values = np.arange(10 * 4, dtype=np.float16).reshape(10, 1, 4)
+    storage = pa.array(values.tolist(), type=pa.list_(pa.list_(pa.float16(), 4), 1))
+    ext = _Array2D()
+    pa.register_extension_type(ext)
+    try:
+        table = pa.table({"cls": pa.ExtensionArray.from_storage(ext, storage)})
+        with pa.ipc.new_file(str(tmp_path / "f.arrow"), table.schema) as writer:
+            writer.write_table(table)
+    finally:
+        if not registered:
+            pa.unregister_extension_type(ext.extension_name)
+    try:
+        cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
+        parsed, _ = data.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
+        np.testing.assert_array_equal(data.FrameStore(1, 4).features(parsed), values[3:8, 0].astype(np.float32))
+    finally:
+        if registered:
+            pa.unregister_extension_type(ext.extension_name)

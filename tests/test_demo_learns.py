@@ -8,7 +8,6 @@ import json
 import pytest
 
 import evaluate
-from conftest import ROOT
 from test_train import run_train
 
 

@@ -247,8 +247,7 @@ def test_kill_during_save_leaves_no_partial_checkpoint(tmp_path):
 
 
 def test_checkpoint_reloads_identically_and_refuses_bad_weights(demo_dir, tmp_path):
-    from data import ClipDataset, collate, load_tokenizer
-    from config import load_config
+    from data import ClipDataset, collate
     for trainable in ("full", "lora"):
         run_dir = tmp_path / trainable
         run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 2, "model.trainable": trainable,
