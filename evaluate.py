@@ -614,6 +614,10 @@ def evaluate(args) -> int:
             for line in prediction_lines(video, records):
                 f.write(json.dumps(line) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    if len(sweep_rows) > 1:
+        with open(out_dir / "sweep.csv", "w") as f:  # one row per (speak, dst) threshold pair
+            f.write(",".join(sweep_rows[0]) + "\n")
+            f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in sweep_rows)
     write_report(out_dir / "report.html", result, videos, all_records, speak_matches, th,
                  sweep_rows if len(sweep_rows) > 1 else None)
     s, d, n = result["speak"], result["dst"], result["nlg"]
@@ -627,7 +631,7 @@ def evaluate(args) -> int:
         f"dst P {d['precision']:.3f} R {d['recall']:.3f} F1 {d['f1']:.3f} state acc {d['state_accuracy']:.3f} | "
         f"BLEU-4 {n['bleu4']:.3f} CIDEr {n['cider']:.3f}"
     )
-    print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html")
+    print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html" + (", sweep.csv" if len(sweep_rows) > 1 else ""))
     return 0
 
 

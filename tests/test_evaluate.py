@@ -133,6 +133,8 @@ def test_streaming_cli_with_sweep(tiny_ckpt, tmp_path, capsys):
     assert SCHEMA <= set(result) and result["num_videos"] == 2
     assert len(result["sweep"]) == 2 and result["best"]["speak"] in (0.3, 0.6)
     assert result["thresholds"] == {"speak": result["best"]["speak"], "dst": 0.5}
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("speak_threshold,dst_threshold,speak_f1") and len(rows) == 3
     for block in ("speak", "dst"):
         assert 0.0 <= result["decisions"][block]["f1"] <= 1.0
 
