@@ -46,6 +46,7 @@ class DataConfig:
     nfs_rho_end: float = 0.1  # rho at the last step for the linear schedule
     length_grouping: bool = True  # sort by length within shuffled mega-batches: less padding, same epoch content
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
+    pad_to_multiple: int = 1  # pad each batch's length up to a multiple of this: fewer shapes for train.compile, a few padded tokens more
     default_system_prompt: str = "You are a helpful and proactive assistant."  # used when a clip has no system turn
 
 
@@ -62,7 +63,7 @@ class ModelConfig:
     )  # Linear module names that get LoRA adapters
     head_type: str = "linear"  # linear: Linear(H, 1) | mlp: H -> H/2 -> 1 decision heads
     frozen_dtype: str = "fp32"  # storage dtype of frozen backbone weights: fp32 | fp16 | bf16 (trainable weights are always fp32)
-    attn_implementation: str = "sdpa"  # attention kernel passed to transformers
+    attn_implementation: str = "causal_sdpa"  # causal_sdpa: this project's mask-free causal SDPA (see model.py) | sdpa | eager | flash_attention_2
 
 
 @dataclass
@@ -105,6 +106,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
     auto_batch: bool = False  # GPU only: search the largest micro_batch under 90% of device memory
     tensorboard: bool = False  # also log to TensorBoard when the package is installed
+    compile: bool = False  # torch.compile each decoder layer (GPU): fuses the elementwise work; first steps compile, set data.pad_to_multiple
 
 
 @dataclass

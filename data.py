@@ -763,11 +763,13 @@ class ClipBatchSampler:
         return self.batches_per_epoch
 
 
-def collate(items: list[dict], pad_id: int) -> dict:
-    """Right-pad with the distinct pad id; frame features concatenated in row-major (b, t) order."""
+def collate(items: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict:
+    """Right-pad with the distinct pad id (up to a multiple of `pad_to_multiple`: fewer distinct shapes for a
+    compiled model); frame features concatenated in row-major (b, t) order."""
     import torch
 
-    T = max(len(it["input_ids"]) for it in items)
+    longest = max(len(it["input_ids"]) for it in items)
+    T = -(-longest // pad_to_multiple) * pad_to_multiple
     B = len(items)
 
     def pad(key: str, value: int, dtype) -> torch.Tensor:
@@ -796,9 +798,11 @@ def collate(items: list[dict], pad_id: int) -> dict:
     text = (batch["asst_targets"] != IGNORE) | (batch["dst_targets"] != IGNORE)
     heads = (batch["speak_labels"] != IGNORE) | (batch["dst_labels"] != IGNORE)
     batch["text_rows"] = torch.from_numpy(np.flatnonzero(text.numpy().reshape(-1)))
+    # The next-token target of each text row (a row is in an assistant block or a DST block, never both).
+    combined = torch.where(batch["asst_targets"] != IGNORE, batch["asst_targets"], batch["dst_targets"])
+    batch["text_targets"] = combined.reshape(-1)[batch["text_rows"]]  # (n_text,)
     batch["head_rows"] = torch.from_numpy(np.flatnonzero(heads.numpy().reshape(-1)))
     batch["decision_rows"] = torch.from_numpy(np.flatnonzero(batch["decision_mask"].numpy().reshape(-1)))
-    batch["has_padding"] = bool((attention == 0).any())
     if "epoch" in items[0]:
         batch["epoch"] = items[0]["epoch"]
         batch["cursor"] = items[0]["cursor"]
@@ -808,11 +812,12 @@ def collate(items: list[dict], pad_id: int) -> dict:
 class Collator:
     """Picklable collate_fn for DataLoader workers."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, pad_to_multiple: int = 1):
         self.pad_id = pad_id
+        self.pad_to_multiple = pad_to_multiple
 
     def __call__(self, items: list[dict]) -> dict:
-        return collate(items, self.pad_id)
+        return collate(items, self.pad_id, self.pad_to_multiple)
 
 
 # ----------------------------------------------------------------------------------------------------

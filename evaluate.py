@@ -130,89 +130,126 @@ class Thresholds:
 
 
 class StreamingRunner:
-    """One video at a time, one frame at a time, KV cache on. Context pieces come from data.Renderer."""
+    """One video at a time, one frame at a time, KV cache on. Context pieces come from data.Renderer.
+
+    The cache is a `model.PreallocatedCache` of `data.max_seq_len` positions, allocated once and reused for
+    every video (`cache="dynamic"` uses transformers' growing DynamicCache instead; both give the same
+    probabilities). A video's features are moved to the device once. Per frame there is one host sync (both
+    head probabilities read together), plus one per generated token.
+
+    `context_ids` mirrors, token for token, what the cache holds; `segments` holds the current context's frames
+    in the training layout (frame tokens and user blocks, then the frame's DST and assistant blocks with their
+    EOS), which is what `drop_middle` keeps when the context is full.
+    """
 
     def __init__(self, model, renderer: Renderer, cfg: Config, device: torch.device, teacher_forced: bool = False,
-                 dtype: torch.dtype = torch.float32):
-        from transformers import DynamicCache
+                 dtype: torch.dtype = torch.float32, cache: str = "preallocated"):
+        from model import PreallocatedCache
 
+        if cache not in ("preallocated", "dynamic"):
+            raise ValueError(f"cache must be 'preallocated' or 'dynamic', got {cache!r}")
         self.model = model
         self.renderer = renderer
         self.cfg = cfg
         self.device = device
         self.teacher_forced = teacher_forced
-        self.cache_class = DynamicCache
         self.budget = cfg.data.max_seq_len - cfg.eval.context_margin
         self.context_resets = 0
+        num_layers = model.backbone.config.get_text_config().num_hidden_layers
+        self._preallocated = PreallocatedCache(num_layers, cfg.data.max_seq_len) if cache == "preallocated" else None
         # The same compute precision as training; the heads run in fp32 inside the model regardless.
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        if dtype != torch.float32:
+            # Inference stores every weight in the compute dtype: autocast would otherwise cast each fp32 weight
+            # again at every frame (its cast cache lives for one autocast region), which for a 1B model costs
+            # more than the frame itself. The heads stay fp32.
+            model.to(dtype)
+            model.speak_head.float()
+            model.dst_head.float()
+        self._no_rows = torch.zeros(0, dtype=torch.long, device=device)
+        self._last_row: dict[int, torch.Tensor] = {}  # piece length -> tensor([length - 1]) on the device
+
+    # -- the cache ------------------------------------------------------------------------------------
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        if self._preallocated is None:
+            self.cache = DynamicCache()
+        else:
+            self._preallocated.truncate(0)
+            self.cache = self._preallocated
+        self.context_ids: list[int] = []
+
+    def _truncate(self, length: int) -> None:
+        if self._preallocated is None:
+            self.cache.crop(length - len(self.context_ids))  # DynamicCache: a negative count of positions to drop
+        else:
+            self.cache.truncate(length)
+        del self.context_ids[length:]
 
     # -- the model calls -----------------------------------------------------------------------------
-    def _forward(self, ids: list[int], feats: Optional[np.ndarray], want_heads: bool, want_text: bool):
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        mask_last = torch.zeros_like(input_ids, dtype=torch.bool)
-        mask_last[0, -1] = True
-        frame_features = None
-        if feats is not None and len(feats):
-            frame_features = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device)
+    def _forward(self, ids: list[int], feats: Optional[torch.Tensor], want_heads: bool, want_text: bool):
+        """Feed `ids` (with `feats`, one row per <image> among them) and read the outputs at the last position."""
+        if len(self.context_ids) + len(ids) > self.cfg.data.max_seq_len:
+            raise RuntimeError(f"context grew past data.max_seq_len={self.cfg.data.max_seq_len}; raise eval.context_margin")
+        input_ids = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)  # (1, T)
+        last = self._last_row.get(len(ids))
+        if last is None:
+            last = self._last_row[len(ids)] = torch.tensor([len(ids) - 1], device=self.device)
         with self.autocast:
             out = self.model(
-                input_ids=input_ids, frame_features=frame_features,
-                text_mask=mask_last if want_text else None, head_mask=mask_last if want_heads else None,
-                past_key_values=self.cache, use_cache=True,
+                input_ids=input_ids, frame_features=feats, past_key_values=self.cache, use_cache=True,
+                text_rows=last if want_text else self._no_rows, head_rows=last if want_heads else self._no_rows,
             )
         self.cache = out["past_key_values"]
-        self.history.append((ids, feats))
+        self.context_ids.extend(ids)
         return out
 
-    def _feed(self, ids: list[int], feats: Optional[np.ndarray] = None, want_heads=False, want_text=False):
-        if self.cache.get_seq_length() + len(ids) > self.cfg.data.max_seq_len:
-            raise RuntimeError(f"context grew past data.max_seq_len={self.cfg.data.max_seq_len}; raise eval.context_margin")
-        return self._forward(ids, feats, want_heads, want_text)
-
     def _reset_context(self) -> None:
-        """Apply eval.context_strategy: a fresh cache starting from the system prompt.
+        """Apply eval.context_strategy: a fresh context starting from the system prompt.
 
         reset_with_dst: the prompt carries the *predicted* current state (the model's own DST is its memory);
         drop_all: the prompt with the video's initial state, nothing else;
-        drop_middle: the prompt with the initial state plus the most recent pieces (up to half the budget).
+        drop_middle: the prompt with the initial state plus the most recent whole frames (each with its
+        generated blocks and their EOS, as in training), up to half the budget.
         """
         strategy = self.cfg.eval.context_strategy
         self.context_resets += 1
-        self.cache = self.cache_class()
         state = self.pred_state if strategy == "reset_with_dst" else self.video.initial_state
-        ids = self.renderer.prompt(self.video.system_text, self.video.steps, state)
-        kept: list[tuple[list[int], Optional[np.ndarray]]] = []
+        prompt = self.renderer.prompt(self.video.system_text, self.video.steps, state)
+        kept: list[tuple[int, list[int]]] = []
         if strategy == "drop_middle":
-            total = 0
-            for piece_ids, piece_feats in reversed(self.history):
-                if total + len(piece_ids) > self.budget // 2:
+            room = self.budget // 2
+            for frame_index, segment in reversed(self.segments):
+                if len(segment) > room:
                     break
-                kept.insert(0, (piece_ids, piece_feats))
-                total += len(piece_ids)
-            # Start at a frame: drop pieces before the first one that begins with <image>.
-            while kept and kept[0][0][0] != self.renderer.image_id:
-                kept.pop(0)
-        feats = [f for _, f in kept if f is not None and len(f)]
-        self._forward(ids + [t for piece, _ in kept for t in piece], np.concatenate(feats) if feats else None, False, False)
-        self.history = kept
+                kept.insert(0, (frame_index, segment))
+                room -= len(segment)
+        self._new_cache()
+        feats = [self.video_feats[i] for i, _ in kept]  # (I, F) each
+        self._forward(prompt + [t for _, segment in kept for t in segment],
+                      torch.cat(feats) if feats else None, False, False)
+        self.segments = kept
+        self.pending = []  # any pending EOS closed a block that is either gone or already in a kept segment
 
     def _generate(self, role_id: int, max_tokens: int) -> str:
-        """Feed the role token (plus any pending EOS), greedy-decode to EOS; the EOS ends up in the cache."""
+        """Feed the role token (plus any pending EOS), greedy-decode to EOS; the EOS ends up in the cache
+        with the next piece, exactly as training has it. Returns the text; the block's tokens (role, text,
+        EOS) are appended to the current frame's segment."""
         eos = self.renderer.eos_id
         ids = self.pending + [role_id]
         self.pending = []
         generated: list[int] = []
-        out = self._feed(ids, want_text=True)
+        out = self._forward(ids, None, want_heads=False, want_text=True)
         guard = self.cfg.eval.repetition_guard
         while True:
-            token = int(out["text_logits"][-1].argmax())
+            token = int(out["text_logits"][-1].argmax())  # one host sync per generated token
             if token == eos or len(generated) >= max_tokens or self._repeats(generated + [token], guard):
                 break
             generated.append(token)
-            out = self._feed([token], want_text=True)
-        # The EOS (predicted, or forced at the cap) is fed with the next piece, exactly as training has it.
+            out = self._forward([token], None, want_heads=False, want_text=True)
         self.pending = [eos]
+        self.segments[-1][1].extend([role_id, *generated, eos])
         return self.renderer.tokenizer.decode(generated, skip_special_tokens=True).strip()
 
     @staticmethod
@@ -227,8 +264,10 @@ class StreamingRunner:
     @torch.no_grad()
     def run(self, video: Video, feats: np.ndarray, thresholds: Thresholds) -> list[FrameRecord]:
         self.video = video
-        self.cache = self.cache_class()
-        self.history = []
+        # (num_frames, I, F) on the device once; each frame's rows are a view of it.
+        self.video_feats = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device)
+        self._new_cache()
+        self.segments: list[tuple[int, list[int]]] = []  # (frame index in the video, its tokens) in the context
         self.pred_state = dict(video.initial_state)
         self.pending = self.renderer.prompt(video.system_text, video.steps, self.pred_state)
         records = []
@@ -240,13 +279,12 @@ class StreamingRunner:
             # Room for this frame and both blocks it may generate; otherwise apply the context strategy now,
             # at a frame boundary, so a generation never straddles a reset.
             needed = len(self.pending) + len(frame_ids) + self.cfg.eval.max_dst_tokens + self.cfg.eval.max_new_tokens + 6
-            if self.cache.get_seq_length() + needed > self.budget:
+            if len(self.context_ids) + needed > self.budget:
                 self._reset_context()
-                self.pending = []  # the block this EOS closed is no longer in the context
-            out = self._feed(self.pending + frame_ids, feats[i], want_heads=True)
+            self.segments.append((i, list(frame_ids)))
+            out = self._forward(self.pending + frame_ids, self.video_feats[i], want_heads=True, want_text=False)
             self.pending = []
-            p_speak = float(torch.sigmoid(out["speak_logits"][-1]))
-            p_dst = float(torch.sigmoid(out["dst_logits"][-1]))
+            p_speak, p_dst = torch.sigmoid(torch.stack([out["speak_logits"][-1], out["dst_logits"][-1]])).tolist()
             rec = FrameRecord(k, p_speak, p_dst, p_speak > thresholds.speak, p_dst > thresholds.dst)
             if self.teacher_forced:
                 self._teacher_forced_blocks(rec, ev)
@@ -273,31 +311,34 @@ class StreamingRunner:
 
     def _generate_and_roll_back(self, role_id: int, max_tokens: int) -> str:
         if self.pending:
-            self._feed(self.pending)
+            self._forward(self.pending, None, False, False)
             self.pending = []
-        length, history_length = self.cache.get_seq_length(), len(self.history)
+        length, segment_length = len(self.context_ids), len(self.segments[-1][1])
         text = self._generate(role_id, max_tokens)
-        # transformers 5 crops by a negative count of tokens to remove
-        self.cache.crop(length - self.cache.get_seq_length())
-        assert self.cache.get_seq_length() == length
-        self.history = self.history[:history_length]
+        self._truncate(length)
+        del self.segments[-1][1][segment_length:]
         self.pending = []
         return text
 
     def _teacher_forced_blocks(self, rec: FrameRecord, ev: FrameEvents) -> None:
         """Record what the model generates where a head fires, but keep only ground-truth blocks as context,
         in the training order: decision, [DST] block, [ASST] block."""
+        segment = self.segments[-1][1]
         if rec.dst:
             rec.dst_text = self._generate_and_roll_back(self.renderer.dst_id, self.cfg.eval.max_dst_tokens)
             self._apply_generated_updates(rec, track=False)
         if ev.transitions:
-            self.pending = self.renderer.dst_block(ev.transitions)
+            block = self.renderer.dst_block(ev.transitions)
+            self.pending = block
+            segment.extend(block)
             for step_id, transition in ev.transitions:
                 apply_transition(self.pred_state, step_id, transition)  # the context carries the reference
         if rec.speak:
             rec.asst_text = self._generate_and_roll_back(self.renderer.asst_id, self.cfg.eval.max_new_tokens)
         if ev.asst_texts:
-            self.pending = self.pending + self.renderer.asst_block(ev.asst_texts)
+            block = self.renderer.asst_block(ev.asst_texts)
+            self.pending = self.pending + block
+            segment.extend(block)
 
 
 def oracle_records(video: Video) -> list[FrameRecord]:

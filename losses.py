@@ -143,6 +143,85 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+# Rows of hidden states per chunk of the fused LM head + cross-entropy. The transient per chunk is its fp32
+# logits (rows x V x 4 bytes; 512 x 128k = 256 MiB) plus their half-precision gradient in the backward pass.
+CE_CHUNK_ROWS = 512
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of `hidden @ weight.T + bias` against `targets`, chunk by chunk over the rows.
+
+    Forward keeps only the (n,) losses; backward recomputes each chunk's logits, turns them into
+    d(ce)/d(logits) = softmax - onehot in place, and multiplies back. No (n, V) tensor exists beyond one chunk
+    in either pass (a plain `lm_head(hidden)` followed by cross-entropy keeps the fp32 logits and their
+    log-softmax alive from the forward to the backward pass).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, chunk_rows):
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.compute_dtype, ctx.chunk_rows = compute_dtype, chunk_rows
+        w = weight.to(compute_dtype)  # (V, H); a no-op when the weight is stored in the compute dtype
+        b = None if bias is None else bias.to(compute_dtype)
+        ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (n,)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_rows):
+                stop = start + chunk_rows
+                logits = F.linear(hidden[start:stop].to(compute_dtype), w, b).float()  # (c, V)
+                target = targets[start:stop]
+                picked = logits.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)  # (c,)
+                ce[start:stop] = torch.where(target != IGNORE_INDEX, logits.logsumexp(-1) - picked, 0.0)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        dtype, chunk_rows = ctx.compute_dtype, ctx.chunk_rows
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_rows):
+                stop = start + chunk_rows
+                h = hidden[start:stop].to(dtype)  # (c, H)
+                target = targets[start:stop]
+                valid = target != IGNORE_INDEX
+                logits = F.linear(h, w, b).float()  # (c, V)
+                probs = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()  # softmax, in place
+                rows = torch.arange(len(target), device=target.device)
+                probs[rows, target.clamp_min(0)] -= valid.to(probs.dtype)  # softmax - onehot
+                scale = torch.where(valid, grad_ce[start:stop], 0.0)  # (c,)
+                grad_logits = probs.mul_(scale.unsqueeze(1)).to(dtype)  # (c, V)
+                if need_hidden:
+                    grad_hidden[start:stop] = (grad_logits @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight.add_(grad_logits.t() @ h)  # (V, H), accumulated in fp32
+                if need_bias:
+                    grad_bias.add_(grad_logits.sum(0))
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         targets: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """(n,) fp32 cross-entropy of each row of `hidden` (n, H) under the LM head `weight` (V, H) [+ `bias`]
+    against `targets` (n,) (IGNORE_INDEX rows give 0), without keeping any (n, V) logits for backward.
+
+    The matmuls run in the autocast dtype when autocast is on (as `lm_head(hidden)` would under autocast),
+    otherwise in the promoted dtype of hidden and weight; logits, log-sum-exp and the loss are fp32.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, compute_dtype, chunk_rows or CE_CHUNK_ROWS)
+
+
 def _cross_entropy_sums(text_logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Summed cross-entropy of `text_logits` (n, V) against each (n,) target vector (IGNORE_INDEX skipped).
 
@@ -187,12 +266,18 @@ def loss_sums(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], 
     Sums add over micro-batches and ranks, so `normalize_losses(sums, counts)` of accumulated sums and
     counts gives exact global means (used for validation).
     """
-    text_logits = _at_least_fp32(outputs["text_logits"])  # (n_text, V)
     speak_logits = _at_least_fp32(outputs["speak_logits"])  # (n_head,)
     dst_logits = _at_least_fp32(outputs["dst_logits"])  # (n_head,)
-    asst_targets, dst_targets = text_targets(batch, text_logits.shape[0])  # (n_text,) each
     speak_labels, dst_labels = head_labels(batch, speak_logits.shape[0])  # (n_head,) each
-    asst_sum, dst_sum = _cross_entropy_sums(text_logits, [asst_targets, dst_targets])
+    if "text_ce" in outputs:  # the model fused the LM head with the cross-entropy (training)
+        text_ce = outputs["text_ce"]  # (n_text,) fp32
+        asst_targets, dst_targets = text_targets(batch, text_ce.shape[0])  # (n_text,) each
+        asst_sum = torch.where(asst_targets != IGNORE_INDEX, text_ce, 0.0).sum()
+        dst_sum = torch.where(dst_targets != IGNORE_INDEX, text_ce, 0.0).sum()
+    else:
+        text_logits = _at_least_fp32(outputs["text_logits"])  # (n_text, V)
+        asst_targets, dst_targets = text_targets(batch, text_logits.shape[0])  # (n_text,) each
+        asst_sum, dst_sum = _cross_entropy_sums(text_logits, [asst_targets, dst_targets])
     speak_pos_sum, speak_neg_sum = _bce_sums(speak_logits, speak_labels, loss_cfg)
     dst_pos_sum, dst_neg_sum = _bce_sums(dst_logits, dst_labels, loss_cfg)
     return torch.stack([asst_sum, dst_sum, speak_pos_sum, speak_neg_sum, dst_pos_sum, dst_neg_sum])

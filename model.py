@@ -2,22 +2,32 @@
 
     torch.manual_seed(cfg.train.seed)             # seeds projector/heads/LoRA (and the backbone when init=scratch)
     model = build_model(cfg, tokenizer)           # tokenizer from data.load_tokenizer(cfg.model.path)
-    out = model(input_ids, attention_mask, frame_features, text_mask=..., head_mask=...)
+    out = model(input_ids, frame_features, text_mask=..., head_mask=...)
     out["text_logits"]   # (n_text, V) fp32: LM head at text_mask positions only
     out["speak_logits"]  # (n_head,) fp32: speak head at head_mask positions
     out["dst_logits"]    # (n_head,) fp32: DST-update head at head_mask positions
+    out = model(..., text_targets=targets)        # training: out["text_ce"] (n_text,) fp32 instead of logits
 
 Input embeddings are built here rather than by the backbone: ordinary ids use the backbone's embedding,
 the ids this project adds (<image>, [USER], [DST], [ASST], maybe <pad>) use the small `new_token_embed`
 table (trainable even when the backbone is frozen), and each `<image>` embedding is replaced by the
-projected frame feature. The backbone's decoder then runs on `inputs_embeds`; the LM head is applied
-only to the gathered hidden states that have a text target, so full-sequence logits never exist.
+projected frame feature. The backbone's decoder then runs on `inputs_embeds` in the compute dtype (the
+residual stream and the checkpointed layer inputs are half precision under fp16/bf16 autocast). The LM head is
+applied only to the gathered hidden states that have a text target; in training it is fused with the
+cross-entropy in chunks (losses.linear_cross_entropy), so no (n_text, V) logits tensor outlives one chunk.
+
+Attention is `causal_sdpa` (registered below): torch's scaled_dot_product_attention with `is_causal` and no
+mask tensor. Batches are right-padded, so a real token never attends to the padding after it and no padding
+mask is needed; transformers then builds no mask at all (its mask builder costs a host sync per forward).
+Which SDPA kernel runs is chosen once per process by `configure_attention` (flash or memory-efficient; the
+cuDNN kernel is switched off because it builds a new execution plan for every new sequence length).
 
 Notes on transformers 5.x used below:
 * `backbone.get_decoder()` is the decoder stack (e.g. `LlamaModel`); calling it returns
   `last_hidden_state` (after the final norm) without computing logits.
-* The KV cache is `transformers.DynamicCache`; the decoder creates one when `use_cache=True` and none is
-  passed. Position ids are passed explicitly as `past_length + arange(T)`.
+* The KV cache of the streaming evaluator is `PreallocatedCache` (below): buffers of `data.max_seq_len`
+  positions allocated once, filled in place, truncated by moving a length. `transformers.DynamicCache` works
+  too. Position ids are passed explicitly as `past_length + arange(T)`.
 * Activation checkpointing is `activation_checkpointing_enable` (the old `gradient_checkpointing_enable`
   is a deprecated alias). It checkpoints every `GradientCheckpointingLayer` (each decoder layer) with
   `torch.utils.checkpoint.checkpoint(use_reentrant=False)`, only while the module is in training mode.
@@ -29,20 +39,149 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+import losses
 from data import new_token_ids
 
-# Rows of hidden states sent through the LM head at once: bounds the transient (rows, V) activation in the
-# autocast dtype. 1024 x 128k vocab x 2 bytes = 256 MiB.
+# Rows of hidden states sent through the LM head at once: bounds the transient (rows, V) logits.
+# 1024 x 128k vocab x 4 bytes (fp32 logits) = 512 MiB; training's fused loss uses losses.CE_CHUNK_ROWS.
 LM_HEAD_CHUNK_ROWS = 1024
+ATTENTION = "causal_sdpa"  # the attention implementation this project registers with transformers
 
 FROZEN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Config attributes of backbones whose output head does more than `lm_head(hidden)`. Our gathered-position
 # LM head would silently differ from the backbone's logits for them, so they are refused.
 UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention and the streaming KV cache
+
+
+def configure_attention(device: torch.device) -> str:
+    """Pick the SDPA kernels once per process; returns a line for the startup report.
+
+    On CUDA the cuDNN attention kernel is switched off: it builds an execution plan for every new
+    (batch, length) shape, and clip lengths change from batch to batch while the streaming cache grows by
+    every frame, so nearly every call paid for a new plan. Flash attention (compute capability >= 8.0,
+    fp16/bf16) or the memory-efficient kernel (Turing, fp32) remain; both take any length without a plan.
+    """
+    if device.type != "cuda":
+        return "attention: causal SDPA (CPU kernels)"
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    capability = torch.cuda.get_device_capability(device)
+    kernel = "flash (fp16/bf16; memory-efficient for fp32)" if capability >= (8, 0) else "memory-efficient"
+    return (f"attention: causal SDPA, {kernel} kernel on compute capability {capability[0]}.{capability[1]}; "
+            f"cuDNN attention off (it rebuilds a plan for every new sequence length)")
+
+
+def _kv_heads_in_kernel(query: torch.Tensor) -> bool:
+    """Whether SDPA can read grouped K/V heads directly (`enable_gqa`): the flash kernel can; the
+    memory-efficient one cannot, and SDPA would fall back to the O(T^2)-memory math kernel."""
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(query.device) >= (8, 0)
+
+
+def causal_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Causal attention without a mask tensor, as a transformers attention function.
+
+    query (B, Hq, q, D); key, value (B, Hkv, kv, D) with kv = cached + q positions. q == kv: a plain causal
+    square (training, or the stream's first piece); q == 1: the new token sees everything cached; otherwise
+    the causal square is aligned to the bottom right (new tokens see the cache and each other causally).
+    Returns (B, q, Hq, D) and no attention weights.
+    """
+    if attention_mask is not None:
+        raise ValueError(
+            "causal_sdpa attention takes no attention mask: batches are right-padded and attention is causal, so "
+            "padding is never attended to by real tokens. Do not pass attention_mask."
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    enable_gqa = groups > 1
+    if enable_gqa and not _kv_heads_in_kernel(query):
+        key = key.repeat_interleave(groups, dim=1)  # (B, Hq, kv, D)
+        value = value.repeat_interleave(groups, dim=1)
+        enable_gqa = False
+    mask, is_causal = None, False
+    if q_len == kv_len:
+        is_causal = q_len > 1
+    elif q_len > 1:
+        mask = causal_lower_right(q_len, kv_len)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa,
+    )  # (B, Hq, q, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, causal_sdpa_attention)
+
+
+class PreallocatedLayer(CacheLayerMixin):
+    """One decoder layer's keys and values in buffers of `max_len` positions; the first `length` are valid.
+
+    Allocated once (at the first update, in the dtype and device of the first keys), written in place, and
+    read back as views of the valid prefix: no reallocation and no copy of the whole cache per frame, unlike a
+    cache that grows by concatenation. Rolling back or resetting is moving `length`.
+    """
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, heads, self.max_len, head_dim)  # (B, Hkv, max_len, D)
+        self.values = value_states.new_zeros(batch, heads, self.max_len, value_states.shape[-1])
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions in a cache of {self.max_len}")
+        self.keys[:, :, self.length:end].copy_(key_states)
+        self.values[:, :, self.length:end].copy_(value_states)
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class PreallocatedCache(Cache):
+    """A KV cache of fixed capacity for the streaming evaluator (see PreallocatedLayer)."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        super().__init__(layers=[PreallocatedLayer(max_len) for _ in range(num_layers)])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (a rollback); the buffers stay."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        for layer in self.layers:
+            layer.length = length
 
 
 class LoRALinear(nn.Module):
@@ -143,18 +282,25 @@ class VideoAssistant(nn.Module):
         return self.backbone.get_decoder()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, T, H) fp32 embeddings; added ids read new_token_embed."""
+        """(B, T) ids -> (B, T, H) embeddings in the compute dtype; added ids read new_token_embed.
+
+        Under fp16/bf16 autocast the embeddings come out in that dtype, so the residual stream, the norms'
+        inputs and the activations that checkpointing keeps are half precision, as when a model runs in half
+        precision natively (autocast alone would leave them fp32: it only casts the matmuls). Without
+        autocast (CPU, fp32) they are fp32.
+        """
+        device_type = input_ids.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
         new_rows = self.new_token_row[input_ids]  # (B, T), -1 for ordinary ids
         is_new = new_rows >= 0
         # Added ids can exceed the backbone's table: look up id 0 there instead; torch.where discards it.
-        ordinary = self.backbone.get_input_embeddings()(input_ids.masked_fill(is_new, 0)).float()  # (B, T, H)
-        added = self.new_token_embed(new_rows.masked_fill(~is_new, 0))  # (B, T, H); row 0 where ordinary, discarded
+        ordinary = self.backbone.get_input_embeddings()(input_ids.masked_fill(is_new, 0)).to(dtype)  # (B, T, H)
+        added = self.new_token_embed(new_rows.masked_fill(~is_new, 0)).to(dtype)  # (B, T, H); row 0 where ordinary
         return torch.where(is_new.unsqueeze(-1), added, ordinary)
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
         frame_features: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
@@ -162,15 +308,20 @@ class VideoAssistant(nn.Module):
         use_cache: bool = False,
         text_rows: torch.Tensor | None = None,
         head_rows: torch.Tensor | None = None,
+        text_targets: torch.Tensor | None = None,
     ) -> dict:
         """Run the backbone; LM head at text_mask positions, decision heads at head_mask positions.
 
-        input_ids (B, T); attention_mask (B, past + T) with 1 = real token, or None (no padding);
-        frame_features (N, F), one row per <image> id in row-major (b, t) order; text_mask, head_mask (B, T)
-        bool over the new positions (None = no positions). past_key_values: a DynamicCache holding `past`
-        earlier positions (streaming, B = 1). Returns text_logits (n_text, V), speak_logits and dst_logits
-        (n_head,), all fp32 and in row-major (b, t) order, plus past_key_values when use_cache.
-        
+        input_ids (B, T), right-padded (padding needs no mask: attention is causal); frame_features (N, F), one
+        row per <image> id in row-major (b, t) order; text_mask, head_mask (B, T) bool over the new positions
+        (None = no positions). past_key_values: a PreallocatedCache or DynamicCache holding `past` earlier
+        positions (streaming, B = 1). Returns text_logits (n_text, V), speak_logits and dst_logits (n_head,),
+        all fp32 and in row-major (b, t) order, plus past_key_values when use_cache.
+
+        text_targets (n_text,) int64 (training): the next-token target of each text row. The LM head is then
+        fused with the cross-entropy (losses.linear_cross_entropy) and `text_ce` (n_text,) fp32 replaces
+        `text_logits`: no (n_text, V) logits tensor is kept for the backward pass.
+
         text_rows / head_rows (optional, both or neither): the same positions as flat indices into (B*T),
         ascending, precomputed by the collator on the CPU. With them the forward needs no host sync
         (the training hot path); with masks, sizing the gathers costs one (streaming, tests).
@@ -183,11 +334,6 @@ class VideoAssistant(nn.Module):
             if mask.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}")
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None and attention_mask.shape != (B, past_length + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {past_length + T}): "
-                f"it covers the {past_length} cached positions and the {T} new ones"
-            )
 
         image_mask = input_ids == self.image_token_id  # (B, T)
         n_features = 0 if frame_features is None else frame_features.shape[0]
@@ -195,8 +341,7 @@ class VideoAssistant(nn.Module):
             raise ValueError("pass both text_rows and head_rows, or neither")
         if text_rows is None:
             # Host sync: gathering rows needs their counts on the host, and so does the image-count check.
-            # One sync for all three, up front while the device queue is short. (transformers' mask building
-            # adds one more when an attention_mask is passed: it checks whether the mask is all ones.)
+            # One sync for all three, up front while the device queue is short.
             n_image, n_text, n_head = torch.stack([image_mask.sum(), text_mask.sum(), head_mask.sum()]).tolist()
             if n_image != n_features:
                 raise ValueError(
@@ -210,7 +355,7 @@ class VideoAssistant(nn.Module):
             # Checked on the device, no sync: a mismatch fails at the next synchronising call.
             torch._assert_async(image_mask.sum() == n_features, "<image> tokens != frame_features rows")
 
-        inputs_embeds = self.embed(input_ids)  # (B, T, H) fp32
+        inputs_embeds = self.embed(input_ids)  # (B, T, H) in the compute dtype
         if n_features > 0:
             projected = self.projector(frame_features.to(self.projector[0].weight.dtype))  # (N, H)
             # masked_scatter fills the masked (b, t) slots in row-major order with consecutive rows
@@ -219,28 +364,28 @@ class VideoAssistant(nn.Module):
         position_ids = (past_length + torch.arange(T, device=input_ids.device)).unsqueeze(0).expand(B, T)
         decoder_out = self.decoder(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
         hidden = decoder_out.last_hidden_state.reshape(B * T, -1)  # (B*T, H), after the final norm
 
-
         lm_head = self.backbone.get_output_embeddings()
         text_hidden = hidden.index_select(0, text_rows)  # (n_text, H)
-        text_logits = torch.cat(
-            [lm_head(chunk).float() for chunk in text_hidden.split(LM_HEAD_CHUNK_ROWS)]
-        )  # (n_text, V)
+        out = {}
+        if text_targets is not None:
+            out["text_ce"] = losses.linear_cross_entropy(text_hidden, lm_head.weight, lm_head.bias, text_targets)
+        else:
+            out["text_logits"] = torch.cat(
+                [lm_head(chunk).float() for chunk in text_hidden.split(LM_HEAD_CHUNK_ROWS)]
+            )  # (n_text, V)
 
         # The heads are fp32 and run outside autocast: their logits feed a BCE whose positives can be rare,
         # where half-precision rounding of a logit matters.
         head_hidden = hidden.index_select(0, head_rows).float()  # (n_head, H)
         with torch.autocast(device_type=head_hidden.device.type, enabled=False):
-            speak_logits = self.speak_head(head_hidden).squeeze(-1)  # (n_head,)
-            dst_logits = self.dst_head(head_hidden).squeeze(-1)  # (n_head,)
-
-        out = {"text_logits": text_logits, "speak_logits": speak_logits, "dst_logits": dst_logits}
+            out["speak_logits"] = self.speak_head(head_hidden).squeeze(-1)  # (n_head,)
+            out["dst_logits"] = self.dst_head(head_hidden).squeeze(-1)  # (n_head,)
         if use_cache:
             out["past_key_values"] = decoder_out.past_key_values
         return out
@@ -377,6 +522,20 @@ def activation_checkpointing_active(model: VideoAssistant) -> bool:
         return getattr(func, "keywords", {}).get("use_reentrant") is False
 
     return all(layer.gradient_checkpointing and non_reentrant(layer) for layer in layers)
+
+
+def compile_decoder_layers(model: VideoAssistant) -> int:
+    """torch.compile every decoder layer in place (train.compile); returns how many.
+
+    Per layer rather than the whole model: the layers share one compiled graph (same code, parameters as
+    inputs), compilation stays short, and activation checkpointing keeps wrapping each (compiled) layer.
+    Shapes are specialised at first and made dynamic after the first new length, so a run compiles about
+    twice; data.pad_to_multiple keeps the number of lengths small.
+    """
+    layers = [m for m in model.backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 # ----------------------------------------------------------------------------------------------------------

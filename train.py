@@ -105,15 +105,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def model_inputs(batch: dict, all_frames: bool = False) -> dict:
-    """The model's view of a batch: which positions need LM logits and which need head logits.
+    """The model's view of a batch: which positions need the LM head and which need the decision heads.
 
-    The positions come as flat row indices precomputed by the collator (no host sync in the forward);
-    without padding the attention mask is left out (transformers inspects a given mask on the host).
-    `all_frames` reads the heads at every decision position (validation, streaming comparisons)."""
+    The positions come as flat row indices precomputed by the collator (no host sync in the forward), and
+    the text targets with them, so the model fuses the LM head with the cross-entropy. Right padding needs no
+    attention mask (attention is causal). `all_frames` reads the heads at every decision position
+    (validation, streaming comparisons)."""
     return dict(
-        input_ids=batch["input_ids"], frame_features=batch["frame_features"],
-        attention_mask=batch["attention_mask"] if batch["has_padding"] else None,
-        text_rows=batch["text_rows"], head_rows=batch["decision_rows"] if all_frames else batch["head_rows"],
+        input_ids=batch["input_ids"], frame_features=batch["frame_features"], text_rows=batch["text_rows"],
+        head_rows=batch["decision_rows"] if all_frames else batch["head_rows"], text_targets=batch["text_targets"],
     )
 
 

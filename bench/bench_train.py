@@ -1,95 +1,234 @@
-"""Training throughput: tokens/s, frames/s, step time, peak memory and MFU of the real training step.
+"""Training throughput side by side: this repository's step against the conventional Hugging Face + peft
+pattern, on the same model shape and the same batches, in one process. Prints one JSON object and a table.
 
-    python bench/bench_train.py configs/demo.yaml                                  # CPU, the demo model
-    python bench/bench_train.py configs/demo.yaml --shape llama1b --precision bf16 # GPU, Llama-1B-shaped
-    python bench/bench_train.py configs/demo.yaml --shape llama1b --precision fp16 train.micro_batch=4
+    python bench/make_bench_data.py --out data/bench                  # ~3.5k-token clips, 1152-d features
+    python bench/bench_train.py configs/bench.yaml --setting lora --micro-batch 1
+    python bench/bench_train.py configs/bench.yaml --setting lora --micro-batch 4
+    python bench/bench_train.py configs/bench.yaml --setting full --micro-batch 2 --precision fp16
+    python bench/bench_train.py configs/demo.yaml --shape demo --steps 3 --no-baseline   # CPU smoke run
 
-Uses the demo data (or the config's data), `train.forward_backward` and an AdamW step, exactly as the
-loop does, minus logging and checkpoints. Prints one JSON object.
+This repository's step is `train.forward_backward` + clipping + AdamW, exactly as the loop runs it. The
+baseline is what a Trainer + peft script does with the same model: peft LoRA (or full fine-tuning), the
+backbone's own `labels=` cross-entropy over the full vocabulary at every position, `output_hidden_states=True`,
+the decision heads on every position then masked, transformers' default SDPA attention with a padding mask,
+gradient checkpointing through `gradient_checkpointing_enable`. Both use AdamW (fused on CUDA), autocast in the
+same dtype, the same frozen-weight dtype and the same added-token table, projector and heads.
+
+Tokens/s counts real (unpadded) tokens. Peak memory is torch.cuda.max_memory_allocated over the timed steps,
+weights and optimizer states included. MFU uses 6N + attention FLOPs per token (model.flops_per_token) against
+the device's dense peak for the compute dtype. The baseline needs peft (requirements-bench.txt).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import time
 
 from common import build, device_facts, emit
 
 import torch
+import torch.nn.functional as F
 
 import train
 from config import load_config
-from data import ClipDataset, collate, load_tokenizer
-from model import flops_per_token, param_groups, set_activation_checkpointing
+from data import IGNORE, ClipDataset, collate, load_tokenizer
+from model import compile_decoder_layers, configure_attention, flops_per_token, param_groups
+
+SETTINGS = {
+    "lora": {"model.trainable": "lora", "train.activation_checkpointing": True},
+    "full": {"model.trainable": "full", "train.activation_checkpointing": False},
+}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--shape", default="demo", choices=("demo", "llama1b"))
-    parser.add_argument("--precision", default=None, help="fp32 | fp16 | bf16 | auto (default: train.precision)")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 warm-up steps)")
-    parser.add_argument("--checkpointing", choices=("on", "off"), default=None)
-    parser.add_argument("--out", default=None, help="also write the JSON here")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    dtype, use_scaler, reason = train.choose_precision(args.precision or cfg.train.precision, device.type, capability)
-    tokenizer = load_tokenizer(cfg.model.path)
-    model = build(cfg, tokenizer, args.shape).to(device)
-    if args.checkpointing:
-        set_activation_checkpointing(model, args.checkpointing == "on")
-    model.train()
-    dataset = ClipDataset(cfg, "train", tokenizer)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    mb, accum = cfg.train.micro_batch, cfg.train.grad_accum
-    order = list(range(len(dataset)))
+def make_batches(dataset: ClipDataset, micro_batch: int, steps: int, rho: float, pad_to_multiple: int) -> list[dict]:
+    """Micro-batches of neighbouring-length clips (what length grouping gives), one per step, on the CPU."""
+    order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
+    batches = []
+    for step in range(steps):
+        picks = [order[(step * micro_batch + i) % len(order)] for i in range(micro_batch)]
+        batches.append(collate([dataset.item(i, 0, rho) for i in picks], dataset.renderer.pad_id, pad_to_multiple))
+    return batches
 
-    def step_batches(step: int):
-        start = step * mb * accum
-        picks = [order[(start + i) % len(order)] for i in range(mb * accum)]
-        return [train.to_device(collate([dataset.item(j, 0, cfg.data.nfs_rho) for j in picks[k * mb:(k + 1) * mb]],
-                                        dataset.renderer.pad_id), device) for k in range(accum)]
 
-    def one_step(batches):
-        train.forward_backward(model, batches, cfg, 1, autocast, scaler)
+def ours_step(model, cfg, autocast, scaler, optimizer):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch):
+        train.forward_backward(model, [batch], cfg, 1, autocast, scaler)
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    all_batches = [step_batches(s) for s in range(args.steps + 2)]  # loaded up front: time the model only
-    for batches in all_batches[:2]:
-        one_step(batches)
+
+def hf_pattern(model, cfg, setting: str, half_dtype):
+    """Turn a freshly built VideoAssistant (trainable=frozen, transformers' sdpa) into the HF + peft pattern.
+    Returns (forward_loss(batch) -> loss, parameters to train)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("the HF + peft baseline needs peft: pip install -r requirements-bench.txt "
+                         "(or run with --no-baseline)") from None
+    backbone = model.backbone
+    if setting == "lora":
+        backbone = get_peft_model(backbone, LoraConfig(
+            r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
+            target_modules=list(cfg.model.lora_targets)))
+    else:
+        backbone.requires_grad_(True)
+    if cfg.train.activation_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone.train()
+    extra = [*model.new_token_embed.parameters(), *model.projector.parameters(), *model.speak_head.parameters(),
+             *model.dst_head.parameters()]
+    for p in extra:
+        p.requires_grad_(True)
+
+    def bce(logits, labels):  # class-balanced BCE over the labelled positions, as the losses here
+        pos, neg = labels == 1, labels == 0
+        per = F.binary_cross_entropy_with_logits(logits, pos.float(), reduction="none")
+        return 0.5 * (per[pos].mean() + per[neg].mean())
+
+    def forward_loss(batch):
+        ids = batch["input_ids"]
+        embeds = model.embed(ids)  # the same added-token rows as ours
+        image = ids == model.image_token_id
+        projected = model.projector(batch["frame_features"].to(model.projector[0].weight.dtype))
+        embeds = embeds.masked_scatter(image.unsqueeze(-1), projected.to(embeds.dtype))
+        targets = torch.where(batch["asst_targets"] != IGNORE, batch["asst_targets"], batch["dst_targets"])
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, 1:] = targets[:, :-1]  # transformers shifts labels left by one inside the loss
+        out = backbone(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels,
+                       output_hidden_states=True)
+        hidden = out.hidden_states[-1].float()  # (B, T, H)
+        speak = model.speak_head(hidden).squeeze(-1)  # heads on every position, then masked
+        update = model.dst_head(hidden).squeeze(-1)
+        return out.loss + bce(speak, batch["speak_labels"]) + bce(update, batch["dst_labels"])
+
+    trainable = [p for p in backbone.parameters() if p.requires_grad] + extra
+    return forward_loss, trainable
+
+
+def measure(step_fn, batches, device, warmup: int) -> dict:
+    for batch in batches[:warmup]:
+        step_fn(train.to_device(batch, device))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     tokens = frames = 0
     start = time.perf_counter()
-    for batches in all_batches[2:]:
-        one_step(batches)
-        tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-        frames += sum(int(b["decision_mask"].sum()) for b in batches)
+    for batch in batches[warmup:]:
+        step_fn(train.to_device(batch, device))
+        tokens += int(batch["attention_mask"].sum())
+        frames += int(batch["decision_mask"].sum())
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    mean_len = tokens / (args.steps * mb * accum)
+    steps = len(batches) - warmup
+    return {"seconds_per_step": seconds / steps, "tokens_per_s": tokens / seconds, "frames_per_s": frames / seconds,
+            "peak_memory_gb": train.peak_memory_gb(device), "tokens_per_step": tokens / steps}
+
+
+def run_side(side: str, args, cfg, tokenizer, batches, device, dtype, use_scaler) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    if device.type == "cuda":
+        # Ours: the kernels configure_attention picked. The baseline: torch's defaults (cuDNN attention on),
+        # as a Trainer script runs, unless --baseline-no-cudnn gives it our choice too.
+        torch.backends.cuda.enable_cudnn_sdp(side == "hf" and not args.baseline_no_cudnn)
+    if side == "hf":
+        cfg.model.attn_implementation = "sdpa"
+        trainable_setting, cfg.model.trainable = cfg.model.trainable, "frozen"
+    with torch.device(device):
+        model = build(cfg, tokenizer, args.shape)
+    model.train()
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    if side == "ours":
+        if args.compile:
+            compile_decoder_layers(model)
+        optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5, fused=device.type == "cuda")
+        step_fn = ours_step(model, cfg, autocast, scaler, optimizer)
+    else:
+        cfg.model.trainable = trainable_setting
+        forward_loss, trainable = hf_pattern(model, cfg, trainable_setting, dtype)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+
+        def step_fn(batch):
+            with autocast:
+                loss = forward_loss(batch)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+    result = measure(step_fn, batches, device, args.warmup)
+    mean_len = result["tokens_per_step"] / args.micro_batch
     peak = train.peak_flops(device, dtype)
-    tokens_per_s = tokens / seconds
-    emit({
-        "benchmark": "train_step", **device_facts(device), "shape": args.shape, "precision": str(dtype),
-        "precision_reason": reason, "activation_checkpointing": bool(model.backbone.is_activation_checkpointing)
-        if hasattr(model.backbone, "is_activation_checkpointing") else None,
-        "micro_batch": mb, "grad_accum": accum, "mean_clip_tokens": mean_len, "steps": args.steps,
-        "seconds_per_step": seconds / args.steps, "tokens_per_s": tokens_per_s, "frames_per_s": frames / seconds,
-        "mfu": tokens_per_s * flops_per_token(model, int(mean_len)) / peak if peak else None,
-        "peak_memory_gb": train.peak_memory_gb(device),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }, args.out)
+    result["mfu"] = result["tokens_per_s"] * flops_per_token(model, int(mean_len)) / peak if peak else None
+    result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    del model, optimizer, step_fn
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="run config (configs/bench.yaml: the real-shape benchmark data)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--shape", default="llama1b", choices=("demo", "llama1b"),
+                        help="llama1b: Llama-3.2-1B's architecture, random weights; demo: the config's model.path")
+    parser.add_argument("--setting", default="lora", choices=tuple(SETTINGS),
+                        help="lora: LoRA + activation checkpointing; full: full fine-tuning without checkpointing")
+    parser.add_argument("--micro-batch", type=int, default=1, help="clips per step")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"),
+                        help="autocast dtype (fp16 adds a GradScaler); frozen weights are stored in it for lora")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--compile", action="store_true", help="this repository's side with train.compile")
+    parser.add_argument("--pad-to-multiple", type=int, default=1, help="data.pad_to_multiple for both sides")
+    parser.add_argument("--no-baseline", action="store_true", help="only this repository's side (no peft needed)")
+    parser.add_argument("--baseline-no-cudnn", action="store_true",
+                        help="switch cuDNN attention off for the baseline too (default: torch's defaults)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = [f"{k}={v}" for k, v in SETTINGS[args.setting].items()] + [f"train.micro_batch={args.micro_batch}"]
+    if args.setting == "lora" and args.precision != "fp32":
+        overrides.append(f"model.frozen_dtype={args.precision}")
+    cfg = load_config(args.config, overrides + args.overrides)
+    attention = configure_attention(device)
+    dtype, use_scaler, reason = train.choose_precision(args.precision, device.type,
+                                                       torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+    tokenizer = load_tokenizer(cfg.model.path)
+    dataset = ClipDataset(cfg, "train", tokenizer)
+    batches = make_batches(dataset, args.micro_batch, args.warmup + args.steps, cfg.data.nfs_rho, args.pad_to_multiple)
+    results = {}
+    for side in ("ours",) + (() if args.no_baseline else ("hf",)):
+        side_cfg = load_config(args.config, overrides + args.overrides)
+        results[side] = run_side(side, args, side_cfg, tokenizer, batches, device, dtype, use_scaler)
+    record = {"benchmark": "train_step_side_by_side", **device_facts(device), "shape": args.shape,
+              "setting": args.setting, "micro_batch": args.micro_batch, "precision": args.precision,
+              "precision_reason": reason, "attention": attention, "compile": args.compile,
+              "baseline_cudnn_attention": not args.baseline_no_cudnn,
+              "activation_checkpointing": cfg.train.activation_checkpointing, "steps": args.steps,
+              "mean_clip_tokens": sum(len(dataset.item(i, with_features=False)["input_ids"]) for i in range(len(dataset))) / len(dataset),
+              **{side: r for side, r in results.items()}}
+    if "hf" in results:
+        record["speedup_tokens_per_s"] = results["ours"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+        record["memory_ratio"] = results["ours"]["peak_memory_gb"] / results["hf"]["peak_memory_gb"]
+    emit(record, args.out)
+    for side, r in results.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{side:>5}: {r['tokens_per_s']:>9.0f} tok/s  {r['seconds_per_step']:.3f} s/step  "
+              f"{r['peak_memory_gb']:6.2f} GB  MFU {mfu}")
+    if "hf" in results:
+        print(f"ratio: {record['speedup_tokens_per_s']:.2f}x tokens/s, {record['memory_ratio']:.2f}x memory")
 
 
 if __name__ == "__main__":

@@ -65,9 +65,14 @@ def model_dir(tmp_path_factory) -> Path:
     return out
 
 
+PAD_ID = []  # the tokenizer's pad id, set by the fixture (make_batch pads with it)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
-    return load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
+    PAD_ID[:] = [tok.pad_token_id]
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -107,29 +112,31 @@ def ids_of(tokenizer, words: list[str]) -> torch.Tensor:
 
 
 def make_batch(tokenizer, clips=(CLIP, SHORT_CLIP), seed=0) -> dict[str, torch.Tensor]:
-    """Right-padded batch with frame features, text_mask on real non-image positions, head_mask on frames."""
+    """Right-padded batch with frame features, text_mask on real non-image positions, head_mask on frames.
+    No attention mask: attention is causal, so no real token sees the padding after it."""
     rows = [ids_of(tokenizer, clip) for clip in clips]
     T = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
     for b, row in enumerate(rows):
         input_ids[b, : len(row)] = row
-        attention_mask[b, : len(row)] = 1
     image_mask = input_ids == tokenizer.convert_tokens_to_ids("<image>")
-    real = attention_mask.bool()
+    real = input_ids != tokenizer.pad_token_id
     generator = torch.Generator().manual_seed(seed)
     return {
         "input_ids": input_ids,  # (B, T)
-        "attention_mask": attention_mask,  # (B, T)
         "frame_features": torch.randn(int(image_mask.sum()), FEATURE_DIM, generator=generator),  # (N, F)
         "text_mask": real & ~image_mask,  # (B, T)
         "head_mask": real & image_mask,  # (B, T): some positions; which ones is data.py's business
     }
 
 
+def real_positions(batch: dict) -> torch.Tensor:
+    return batch["input_ids"] != PAD_ID[0]
+
+
 def all_positions(batch: dict) -> dict:
     """The batch with text and head masks on every real position (per-position outputs)."""
-    real = batch["attention_mask"].bool()
+    real = real_positions(batch)
     return {**batch, "text_mask": real, "head_mask": real}
 
 
@@ -251,18 +258,70 @@ def test_text_logits_equal_the_backbones_logits(tokenizer, base_vocab):
     model = tiny_model(tokenizer, base_vocab)
     words = [CLIP[1:6], "attach the wheels to the chassis </s> now pick".split()]
     T = max(len(w) for w in words)
-    # padded with an ordinary id (eos) so that no added id is involved; the padding is masked out anyway
+    # right-padded with an ordinary id (eos) so that no added id is involved
     input_ids = torch.full((2, T), tokenizer.eos_token_id)
-    attention_mask = torch.zeros(2, T, dtype=torch.long)
+    text_mask = torch.zeros(2, T, dtype=torch.bool)
     for b, w in enumerate(words):
         input_ids[b, : len(w)] = ids_of(tokenizer, w)
-        attention_mask[b, : len(w)] = 1
-    text_mask = attention_mask.bool()
+        text_mask[b, : len(w)] = True
     text_mask[1, 2] = False  # a gap, so the gather is not a prefix
     with torch.no_grad():
-        ours = model(input_ids, attention_mask, text_mask=text_mask)["text_logits"]
-        reference = model.backbone(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        ours = model(input_ids, text_mask=text_mask)["text_logits"]
+        reference = model.backbone(input_ids=input_ids).logits  # (B, T, V)
+        alone = model.backbone(input_ids=input_ids[:1, : len(words[0])]).logits  # the short row, unpadded
     assert torch.allclose(ours, reference[text_mask], atol=1e-5)
+    # Right padding needs no mask: the padded row's real positions equal the row run alone.
+    assert torch.allclose(reference[0, : len(words[0])], alone[0], atol=1e-5)
+
+
+def test_fused_cross_entropy_equals_logits_cross_entropy(tokenizer, base_vocab):
+    """text_targets (training) give the same per-row cross-entropy and the same gradients as the logits path,
+    with the LM head tied and untied, in several chunk sizes."""
+    import losses
+    for tied in (False, True):
+        model = tiny_model(tokenizer, base_vocab, tied=tied)
+        batch = make_batch(tokenizer)
+        text_mask = batch["text_mask"]
+        targets = torch.roll(batch["input_ids"], -1, dims=1)[text_mask] % model.vocab_size  # (n_text,) in the vocab
+        targets[3] = losses.IGNORE_INDEX  # an ignored row contributes nothing
+
+        def grads(out_loss):
+            model.zero_grad(set_to_none=True)
+            out_loss.backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        logits = model(**batch)["text_logits"]  # (n_text, V)
+        reference = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        weights = torch.linspace(0.5, 2.0, len(targets))  # distinct per-row weights reach every row's gradient
+        reference_grads = grads((reference * weights).sum())
+        for chunk in (losses.CE_CHUNK_ROWS, 3):
+            losses.CE_CHUNK_ROWS, saved = chunk, losses.CE_CHUNK_ROWS
+            try:
+                fused = model(**batch, text_targets=targets)["text_ce"]
+                fused_grads = grads((fused * weights).sum())
+            finally:
+                losses.CE_CHUNK_ROWS = saved
+            assert fused.shape == reference.shape and fused.dtype == torch.float32
+            torch.testing.assert_close(fused, reference.detach(), rtol=1e-5, atol=1e-6)
+            assert fused_grads.keys() == reference_grads.keys()
+            lm_weight = "backbone.lm_head.weight" if not tied else "backbone.model.embed_tokens.weight"
+            assert lm_weight in fused_grads
+            for name, grad in reference_grads.items():
+                torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_embeddings_follow_the_autocast_dtype(tokenizer, base_vocab):
+    """Under bf16 autocast the decoder receives bf16 embeddings, so the residual stream is half precision."""
+    model = tiny_model(tokenizer, base_vocab)
+    batch = make_batch(tokenizer)
+    seen = []
+    handle = model.decoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.no_grad():
+        model(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+    handle.remove()
+    assert seen == [torch.float32, torch.bfloat16]
 
 
 def test_heads_are_fp32_under_bf16_autocast(tokenizer, base_vocab):
@@ -281,7 +340,8 @@ def test_heads_are_fp32_under_bf16_autocast(tokenizer, base_vocab):
 # Streaming with the KV cache
 
 
-def test_streaming_with_kv_cache_equals_one_full_forward(tokenizer, base_vocab):
+@pytest.mark.parametrize("cache_kind", ["preallocated", "dynamic"])
+def test_streaming_with_kv_cache_equals_one_full_forward(tokenizer, base_vocab, cache_kind):
     from transformers import DynamicCache
 
     model = tiny_model(tokenizer, base_vocab)
@@ -291,31 +351,55 @@ def test_streaming_with_kv_cache_equals_one_full_forward(tokenizer, base_vocab):
         full = model(**batch)
 
     cuts = [0, 6, 7, 8, 11, 19, input_ids.shape[1]]  # pieces of several sizes, including single tokens
-    pieces, cache, used_features = [], None, 0
+    cache = model_module.PreallocatedCache(LAYERS, 64) if cache_kind == "preallocated" else DynamicCache()
+    pieces, used_features = [], 0
     with torch.no_grad():
         for start, end in zip(cuts[:-1], cuts[1:]):
             piece = input_ids[:, start:end]
             n_images = int((piece == model.image_token_id).sum())
             everything = torch.ones_like(piece, dtype=torch.bool)
-            # alternate between no attention mask and one covering cached + new positions
-            mask = None if start % 2 else torch.ones(1, end, dtype=torch.long)
-            out = model(piece, mask, features[used_features : used_features + n_images],
+            out = model(piece, features[used_features : used_features + n_images],
                         text_mask=everything, head_mask=everything, past_key_values=cache, use_cache=True)
-            cache, used_features = out["past_key_values"], used_features + n_images
-            assert isinstance(cache, DynamicCache) and cache.get_seq_length() == end
+            assert out["past_key_values"] is cache and cache.get_seq_length() == end
+            used_features += n_images
             pieces.append(out)
     for key in ("text_logits", "speak_logits", "dst_logits"):
         streamed = torch.cat([p[key] for p in pieces])
         assert (streamed - full[key]).abs().max() < 1e-4, key
 
 
-def test_attention_mask_must_cover_the_cache(tokenizer, base_vocab):
+def test_preallocated_cache_truncates_and_refuses_overflow(tokenizer, base_vocab):
+    """Rolling back moves the length; what is fed afterwards overwrites the stale positions, and the result
+    equals a stream that never fed the rolled-back tokens."""
+    model = tiny_model(tokenizer, base_vocab)
+    ids = ids_of(tokenizer, "<s> you are a helpful assistant now pick up the screwdriver and screw".split()).unsqueeze(0)
+    detour = ids_of(tokenizer, "attach the wheels".split()).unsqueeze(0)
+    last = torch.zeros(1, ids.shape[1] - 8, dtype=torch.bool)
+    last[0, -1] = True
+    with torch.no_grad():
+        straight = model_module.PreallocatedCache(LAYERS, 16)
+        model(ids[:, :8], past_key_values=straight, use_cache=True)
+        expected = model(ids[:, 8:], text_mask=last, past_key_values=straight, use_cache=True)["text_logits"]
+
+        rolled = model_module.PreallocatedCache(LAYERS, 16)
+        model(ids[:, :8], past_key_values=rolled, use_cache=True)
+        model(detour, past_key_values=rolled, use_cache=True)
+        assert rolled.length == 11
+        rolled.truncate(8)
+        assert rolled.get_seq_length() == 8
+        got = model(ids[:, 8:], text_mask=last, past_key_values=rolled, use_cache=True)["text_logits"]
+        assert torch.allclose(got, expected, atol=1e-5)
+        with pytest.raises(RuntimeError, match="KV cache overflow: 21 positions in a cache of 16"):
+            model(ids[:, :8], past_key_values=rolled, use_cache=True)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        rolled.truncate(40)
+
+
+def test_causal_sdpa_refuses_an_attention_mask(tokenizer, base_vocab):
     model = tiny_model(tokenizer, base_vocab)
     ids = ids_of(tokenizer, CLIP[:4]).unsqueeze(0)
-    with torch.no_grad():
-        cache = model(ids[:, :2], use_cache=True)["past_key_values"]
-        with pytest.raises(ValueError, match=r"expected \(1, 4\)"):
-            model(ids[:, 2:], torch.ones(1, 2, dtype=torch.long), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="takes no attention mask"):
+        model.backbone(input_ids=ids, attention_mask=torch.ones(1, 4, 4, dtype=torch.bool)[None])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,6 +653,6 @@ def test_build_model_scratch_uses_the_seed_and_pretrained_loads_weights(tokenize
 
     first.backbone.save_pretrained(str(tmp_path))
     loaded = build_model(make_cfg(init="pretrained", path=str(tmp_path)), tokenizer)
-    assert loaded.backbone.config._attn_implementation == "sdpa"
+    assert loaded.backbone.config._attn_implementation == "causal_sdpa"
     for (name, a), b in zip(first.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
         assert torch.equal(a, b), name

@@ -260,7 +260,7 @@ def test_checkpoint_reloads_identically_and_refuses_bad_weights(demo_dir, tmp_pa
         with torch.no_grad():
             out1 = model(**train.model_inputs(batch, all_frames=True))
             out2 = again(**train.model_inputs(batch, all_frames=True))
-        for key in ("speak_logits", "dst_logits", "text_logits"):
+        for key in ("speak_logits", "dst_logits", "text_ce"):
             assert torch.equal(out1[key], out2[key])
         # The reloaded weights are the trained ones (heads, projector, new rows, LoRA included).
         saved = load_file(str(ckpt / "model.safetensors"))
