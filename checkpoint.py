@@ -22,15 +22,16 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from config import Config, ConfigError, from_dict, to_yaml
+from config import Config, ConfigError, apply_override, from_dict, to_yaml
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml")
@@ -49,16 +50,51 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def missing_files(ckpt: Path) -> list[str]:
+    return [f for f in REQUIRED_FILES if not (ckpt / f).is_file()]
+
+
+def checkpoints_hint(run_dir: Path, flag: str, instead: str) -> str:
+    """What `run_dir` holds and what to pass instead, for the error about a checkpoint path that is wrong.
+    `flag` is how the user passes a checkpoint ("--ckpt ", "train.resume="); `instead` is the advice when
+    the run directory holds no complete checkpoint."""
+    complete = [p for p in list_checkpoints(run_dir) if not missing_files(p)]
+    if complete:
+        names = ", ".join(p.name for p in complete)
+        return f"{run_dir} has {names}; pass one of them, e.g. {flag}{complete[-1]}"
+    if run_dir.is_dir():
+        return f"{run_dir} holds no complete checkpoint (step_<N> directory); {instead}"
+    return f"{run_dir} does not exist either; {instead}"
+
+
+def require_checkpoint(path: str | Path, flag: str, instead: str) -> Path:
+    """`path` if it is a complete checkpoint directory; otherwise a CheckpointError (one line) that says what
+    is wrong and lists the complete checkpoints that do exist where the user was looking."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{flag}{path}: no such directory; {checkpoints_hint(path.parent, flag, instead)}")
+    if not path.is_dir():
+        raise CheckpointError(f"{flag}{path}: not a directory; {checkpoints_hint(path.parent, flag, instead)}")
+    missing = missing_files(path)
+    if not missing:
+        return path
+    if list_checkpoints(path):
+        raise CheckpointError(f"{flag}{path} is a run directory, not a checkpoint; {checkpoints_hint(path, flag, instead)}")
+    raise CheckpointError(f"{flag}{path}: incomplete checkpoint, missing {', '.join(missing)}; "
+                          f"{checkpoints_hint(path.parent, flag, instead)}")
+
+
 def find_resume(cfg: Config) -> Optional[Path]:
     if cfg.train.resume == "never":
         return None
     if cfg.train.resume == "auto":
         checkpoints = list_checkpoints(cfg.run.dir)
         return checkpoints[-1] if checkpoints else None
-    path = Path(cfg.train.resume)
-    if not path.is_dir():
-        raise CheckpointError(f"train.resume={cfg.train.resume}: not a checkpoint directory")
-    return path
+    return require_checkpoint(
+        cfg.train.resume, "train.resume=",
+        instead=f"pass train.resume=auto to resume from the newest checkpoint of run.dir={cfg.run.dir} "
+                f"(or start there fresh), or the path of an existing step_<N> directory",
+    )
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -146,20 +182,24 @@ def rotate(run_dir: str | Path, keep_last: int) -> list[Path]:
 def check_complete(ckpt: Path) -> None:
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a directory")
-    missing = [f for f in REQUIRED_FILES if not (ckpt / f).is_file()]
+    missing = missing_files(ckpt)
     if missing:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
 
 
-def read_config(ckpt: str | Path) -> Config:
+def read_config(ckpt: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The checkpoint's resolved config, then the `key=value` overrides (a bad override is a ConfigError)."""
     ckpt = Path(ckpt)
     path = ckpt / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: missing config.yaml (is this a step_<N> directory of a run?)")
     try:
-        return from_dict(yaml.safe_load(path.read_text()), str(path))
+        cfg = from_dict(yaml.safe_load(path.read_text()), str(path))
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    for text in overrides:
+        apply_override(cfg, text)
+    return cfg
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -187,15 +227,33 @@ def load_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu"):
+@contextmanager
+def no_transformers_progress_bars():
+    """Hide transformers' own "Loading weights" bar while we load; its warnings (e.g. a base model with
+    missing weights) still show. The previous setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()):
     """(model in eval mode, tokenizer, cfg) from a checkpoint directory alone (plus, for lora/frozen runs of a
-    pretrained backbone, the base model directory recorded in its config). Missing or unexpected weights fail."""
+    pretrained backbone, the base model directory recorded in its config). Missing or unexpected weights fail.
+
+    `overrides` (`key=value`) apply before the model is built, so `model.path=/new/place` finds a base
+    model that moved since training."""
     from data import load_tokenizer
     from model import build_model, load_model_state
 
     ckpt = Path(ckpt)
     check_complete(ckpt)
-    cfg = read_config(ckpt)
+    cfg = read_config(ckpt, overrides)
     tokenizer = load_tokenizer(ckpt)
     saves_backbone = cfg.model.trainable == "full" or cfg.model.init == "scratch"
     if saves_backbone:
@@ -204,11 +262,14 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu"):
         cfg.model.init = "scratch"
     elif not Path(cfg.model.path).is_dir():
         raise CheckpointError(
-            f"{ckpt}: a {cfg.model.trainable} run needs its base model at model.path={cfg.model.path}, which is missing"
+            f"{ckpt}: a {cfg.model.trainable} run needs its base model at model.path={cfg.model.path}, which is "
+            f"missing; if it moved, pass its new place as an override, e.g. model.path=/new/place/of/the/base"
         )
-    model = build_model(cfg, tokenizer)
+    with no_transformers_progress_bars():
+        model = build_model(cfg, tokenizer)
     try:
         load_model_state(model, load_model_tensors(ckpt), cfg)
     except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{ckpt}/model.safetensors: {err}") from None
-    return model.to(device).eval(), tokenizer, read_config(ckpt)
+    # A fresh copy: the one above had model.path pointed at the saved backbone to build it.
+    return model.to(device).eval(), tokenizer, read_config(ckpt, overrides)
