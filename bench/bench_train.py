@@ -21,7 +21,6 @@ the device's dense peak for the compute dtype. The baseline needs peft (requirem
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import time
 
@@ -170,10 +169,6 @@ def run_side(side: str, args, cfg, tokenizer, batches, device, dtype, use_scaler
     peak = train.peak_flops(device, dtype)
     result["mfu"] = result["tokens_per_s"] * flops_per_token(model, int(mean_len)) / peak if peak else None
     result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    del model, optimizer, step_fn
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -212,6 +207,9 @@ def main() -> None:
     for side in ("ours",) + (() if args.no_baseline else ("hf",)):
         side_cfg = load_config(args.config, overrides + args.overrides)
         results[side] = run_side(side, args, side_cfg, tokenizer, batches, device, dtype, use_scaler)
+        gc.collect()  # the side's model and optimizer are gone once run_side returns; free their memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     record = {"benchmark": "train_step_side_by_side", **device_facts(device), "shape": args.shape,
               "setting": args.setting, "micro_batch": args.micro_batch, "precision": args.precision,
               "precision_reason": reason, "attention": attention, "compile": args.compile,
