@@ -616,7 +616,7 @@ class ItemKey:
     clip: int  # position in the dataset's clip list
     epoch: int
     rho: float
-    cursor: int  # micro-batches of this epoch consumed once this item's batch is done (for resume)
+    cursor: int  # optimizer steps of this epoch done once this item's step is done (for resume)
 
 
 class ClipDataset:
@@ -697,70 +697,77 @@ class ClipDataset:
 
 
 class ClipBatchSampler:
-    """Deterministic distributed batch sampler with a resumable cursor.
+    """Deterministic distributed batch sampler whose position is counted in optimizer steps.
 
-    Each epoch: a permutation seeded by (seed, epoch), optionally sorted by length within mega-batches
-    (less padding, same content), cut into global micro-batches of micro_batch * world_size clips; rank r
-    takes its slice of each. The incomplete last global micro-batch is dropped so every rank runs the same
-    number of steps. The iterator is endless (epoch after epoch); `start(epoch, cursor)` makes the next
-    iteration begin at micro-batch `cursor` of `epoch`, which is how a checkpoint resumes.
-    `rho_for_cursor(epoch, cursor)` gives the NFS rate for the micro-batch (the loop's step schedule).
+    Each epoch: a permutation seeded by (seed, epoch), optionally sorted by length within mega-batches (less
+    padding, same content), cut into optimizer steps of `clips_per_step` = world_size x micro_batch x
+    grad_accum clips; with length grouping the steps are shuffled again (seeded) and each step's clips are
+    sorted by length. Clip j of a step goes to micro-step j // (world_size x micro_batch) on rank
+    (j // micro_batch) % world_size. Which clips make up each step depends only on (seed, epoch, clips_per_step),
+    never on how a step is split over ranks and micro-batches: a checkpoint's position (epoch, steps done)
+    names the same data under any split of the same global batch, and with the globally normalised loss the
+    step is the same computation. The incomplete last step of an epoch is dropped, so every rank runs the same
+    number of steps. The iterator is endless (epoch after epoch) and yields this rank's micro-batches;
+    `start(epoch, cursor)` makes it begin at step `cursor` of `epoch` (how a checkpoint resumes).
+    `rho_fn(epoch, step_in_epoch)` gives the NFS rate of a step's micro-batches.
     """
 
-    def __init__(self, lengths: list[int], micro_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 length_grouping: bool = True, rho_fn=None, mega_batch_factor: int = 32):
+    def __init__(self, lengths: list[int], micro_batch: int, grad_accum: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, length_grouping: bool = True, rho_fn=None,
+                 mega_batch_factor: int = 32):
         self.lengths = list(lengths)
         self.micro_batch = micro_batch
+        self.grad_accum = grad_accum
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.length_grouping = length_grouping
-        self.rho_fn = rho_fn or (lambda epoch, cursor: 1.0)
-        self.mega = micro_batch * world_size * mega_batch_factor
-        self.global_batch = micro_batch * world_size
-        if len(self.lengths) < self.global_batch:
+        self.rho_fn = rho_fn or (lambda epoch, step: 1.0)
+        self.clips_per_step = world_size * micro_batch * grad_accum
+        self.mega = self.clips_per_step * mega_batch_factor
+        if len(self.lengths) < self.clips_per_step:
             raise DataError(
-                f"{len(self.lengths)} clips cannot fill one micro-batch of {micro_batch} on {world_size} rank(s)"
+                f"{len(self.lengths)} clips cannot fill one optimizer step of {self.clips_per_step} clips "
+                f"({world_size} rank(s) x micro_batch {micro_batch} x grad_accum {grad_accum})"
             )
-        self.batches_per_epoch = len(self.lengths) // self.global_batch
+        self.steps_per_epoch = len(self.lengths) // self.clips_per_step
         self.epoch, self.cursor = 0, 0
 
     def start(self, epoch: int, cursor: int) -> None:
         self.epoch, self.cursor = epoch, cursor
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths)).tolist()
+    def epoch_steps(self, epoch: int) -> list[list[int]]:
+        """The epoch's optimizer steps, each the list of its `clips_per_step` clip positions (all ranks)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)).tolist()
         if self.length_grouping:
             chunks = [order[i:i + self.mega] for i in range(0, len(order), self.mega)]
             order = [i for chunk in chunks for i in sorted(chunk, key=lambda j: -self.lengths[j])]
-        return order
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches (lists of clip positions) of one epoch."""
-        order = self.epoch_order(epoch)
-        batches = []
-        for b in range(self.batches_per_epoch):
-            group = order[b * self.global_batch:(b + 1) * self.global_batch]
-            batches.append(group[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch])
+        n = self.clips_per_step
+        steps = [order[s * n:(s + 1) * n] for s in range(self.steps_per_epoch)]
         if self.length_grouping:
-            # Sorting put the longest batches first in every mega-batch; shuffle batch order (same on all ranks).
-            perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
-            batches = [batches[i] for i in perm]
-        return batches
+            # Sorting put the longest steps first in every mega-batch; shuffle the steps (same on all ranks).
+            perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(steps))
+            steps = [sorted(steps[i], key=lambda j: -self.lengths[j]) for i in perm]
+        return steps
+
+    def step_micro_batches(self, step: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of one step, in micro-step order."""
+        mb, world = self.micro_batch, self.world_size
+        return [step[(i * world + self.rank) * mb:(i * world + self.rank + 1) * mb] for i in range(self.grad_accum)]
 
     def __iter__(self) -> Iterator[list[ItemKey]]:
         epoch, cursor = self.epoch, self.cursor
         while True:
-            batches = self.epoch_batches(epoch)
-            while cursor < len(batches):
+            steps = self.epoch_steps(epoch)
+            while cursor < len(steps):
                 rho = self.rho_fn(epoch, cursor)
-                yield [ItemKey(i, epoch, rho, cursor + 1) for i in batches[cursor]]
+                for micro_batch in self.step_micro_batches(steps[cursor]):
+                    yield [ItemKey(i, epoch, rho, cursor + 1) for i in micro_batch]
                 cursor += 1
             epoch, cursor = epoch + 1, 0
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.steps_per_epoch * self.grad_accum
 
 
 def collate(items: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict:

@@ -306,13 +306,13 @@ def test_sampler_sharding_and_resume_cursor():
     lengths = list(range(50, 87))  # 37 clips
     ranks = [data.ClipBatchSampler(lengths, 2, rank=r, world_size=2, seed=3) for r in range(2)]
     per_rank = [[b for _, b in zip(range(30), iter(s))] for s in ranks]
-    # Each global micro-batch is split across ranks without overlap; 37 // 4 = 9 batches per epoch.
-    assert ranks[0].batches_per_epoch == 9
+    # Each step's clips are split across ranks without overlap; 37 // 4 = 9 steps per epoch.
+    assert ranks[0].steps_per_epoch == 9 and len(ranks[0]) == 9
     for b in range(9):
         a, c = [k.clip for k in per_rank[0][b]], [k.clip for k in per_rank[1][b]]
         assert not set(a) & set(c)
     epoch0 = {k.clip for r in per_rank for b in r[:9] for k in b}
-    assert len(epoch0) == 36  # one clip dropped this epoch (incomplete global batch)
+    assert len(epoch0) == 36  # one clip dropped this epoch (incomplete step)
     assert [k.epoch for k in per_rank[0][9]] == [1, 1]  # endless: epoch 1 follows
     # Resume: a fresh sampler started at the cursor of batch 12 continues with batch 13, exactly.
     consumed = per_rank[0][12][0]
@@ -323,6 +323,39 @@ def test_sampler_sharding_and_resume_cursor():
     # Length grouping: batches hold clips of similar length.
     spread = np.mean([abs(lengths[b[0].clip] - lengths[b[1].clip]) for b in per_rank[0][:9]])
     assert spread < 10
+
+
+def step_clips(sampler_args: dict, world_size: int, steps: int, start=(0, 0)) -> list[list[int]]:
+    """The clips of each optimizer step, gathered over every rank and micro-step of the given split."""
+    samplers = [data.ClipBatchSampler(**sampler_args, rank=r, world_size=world_size) for r in range(world_size)]
+    for s in samplers:
+        s.start(*start)
+    streams = [iter(s) for s in samplers]
+    accum = sampler_args["grad_accum"]
+    out = []
+    for _ in range(steps):
+        clips = []
+        for _ in range(accum):
+            for stream in streams:
+                clips += [k.clip for k in next(stream)]
+        out.append(sorted(clips))
+    return out
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+def test_sampler_steps_do_not_depend_on_the_split(grouping):
+    """8 clips per step as 1 rank x 1 x 8, 1 x 4 x 2, 2 ranks x 2 x 2 and 2 x 4 x 1: the same clips in every
+    step, and a resume at (epoch, steps done) under another split continues with the same clips."""
+    lengths = [int(x) for x in np.random.default_rng(0).integers(100, 400, size=45)]
+    base = dict(lengths=lengths, seed=7, length_grouping=grouping)
+    splits = [(1, 1, 8), (1, 4, 2), (2, 2, 2), (2, 4, 1)]  # (world, micro_batch, grad_accum)
+    assert data.ClipBatchSampler(lengths, 1, grad_accum=8).steps_per_epoch == 5  # 12 steps cross two epochs
+    reference = step_clips({**base, "micro_batch": 1, "grad_accum": 8}, 1, 12)
+    for world, mb, accum in splits[1:]:
+        assert step_clips({**base, "micro_batch": mb, "grad_accum": accum}, world, 12) == reference
+    # Resume after 7 steps (epoch 1, 2 steps done) with a different split: the same next steps.
+    resumed = step_clips({**base, "micro_batch": 2, "grad_accum": 2}, 2, 5, start=(1, 2))
+    assert resumed == reference[7:12]
 
 
 # ---------------------------------------------------------------------------------------------------
