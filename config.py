@@ -95,7 +95,7 @@ class TrainConfig:
     micro_batch: int = 1  # clips per forward pass per rank
     grad_accum: int = 8  # micro-batches per optimizer step per rank
     eval_every: int = 500  # validation-loss cadence in optimizer steps; 0 = never
-    eval_max_batches: int = 0  # cap on validation micro-batches per evaluation; 0 = the whole split
+    eval_max_clips: int = 0  # validation on a fixed, seeded, length-stratified subset of this many clips; 0 = the whole split
     save_every: int = 1000  # checkpoint cadence in optimizer steps (a final one is always written)
     keep_last: int = 5  # checkpoints kept; must be >= 2 so a crash while saving never leaves none
     resume: str = "auto"  # auto: newest complete checkpoint of the run dir | never | a checkpoint path
@@ -106,6 +106,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
     auto_batch: bool = False  # GPU only: search the largest micro_batch under 90% of device memory
     tensorboard: bool = False  # also log to TensorBoard when the package is installed
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails and ends the rank (a peer or the launcher died)
     compile: bool = False  # torch.compile each decoder layer (GPU): fuses the elementwise work; first steps compile, set data.pad_to_multiple
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -366,6 +367,11 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, clips: list[dict], o
         dist.barrier()  # tearing gloo down while the other rank still talks to it can abort the process
     finally:
         dist.destroy_process_group()
+    # End without interpreter finalization: a gloo thread releasing the last collective's tensors during
+    # finalization aborts the process (see train.exit_process, which this mirrors).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_real_ddp_matches_single_process(clips, tmp_path):

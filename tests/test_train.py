@@ -92,7 +92,7 @@ from model import build_model
 from safetensors.torch import save_file
 mode, out = sys.argv[1], sys.argv[2]
 cfg = load_config({config!r}, {overrides!r})
-rank, _, world, device = train.setup_distributed()
+rank, _, world, device = train.setup_distributed(cfg.train.dist_timeout_s)
 torch.manual_seed(0)
 tokenizer = load_tokenizer(cfg.model.path)
 model = build_model(cfg, tokenizer)
@@ -115,8 +115,8 @@ if rank == 0:
     grads["__parts__"] = parts.float()
     save_file(grads, out)
 if world > 1:
-    torch.distributed.barrier()  # no rank tears gloo down while the other still uses it
-    torch.distributed.destroy_process_group()
+    train.end_distributed(world)  # barrier, then tear gloo down
+    train.exit_process(0)  # no interpreter finalization racing gloo's threads (see train.exit_process)
 """
 
 
@@ -330,10 +330,11 @@ def test_micro_batch_search():
         probed.append(mb)
         return mb <= limit_clips
 
-    assert train.search_micro_batch(fits, 1, 64) == 8
-    assert probed == [1, 2, 4, 8, 16]  # stops at the first failure
-    assert train.search_micro_batch(lambda mb: True, 1, 6) == 4  # never above the configured per-rank batch
-    assert train.search_micro_batch(lambda mb: False, 1, 8) == 0
+    assert train.search_micro_batch(fits, 64) == 8
+    assert probed == [1, 2, 4, 8, 16]  # divisors of 64, stopping at the first failure
+    assert train.search_micro_batch(lambda mb: True, 6) == 6  # divisors only: clips per rank per step unchanged
+    assert train.search_micro_batch(lambda mb: mb < 4, 12) == 3
+    assert train.search_micro_batch(lambda mb: False, 8) == 0
 
 
 def test_half_precision_keeps_fp32_weights_and_optimizer_states(demo_dir, tmp_path):
