@@ -1,0 +1,220 @@
+"""A run's lifecycle around the loop: SIGTERM / Ctrl-C stop after a checkpoint and the re-run continues exactly,
+a second signal aborts, a killed launcher ends its workers, resume across batch splits, validation that does not
+depend on ranks or micro-batches, the fp16 GradScaler path, and what the user sees (errors, logs)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT
+from test_train import PY, run_train, tiny_overrides, train_records
+
+
+def start_train(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
+    return subprocess.Popen([*launcher, str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never logged step {step}: {proc.poll()}")
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(demo_dir, tmp_path):
+    """SIGTERM mid-run (loader worker, length grouping, LoRA dropout): a complete checkpoint of the step in
+    progress, exit status 75, the resume command printed; re-running the command ends bitwise equal to a run
+    that was never interrupted."""
+    extra = {"train.max_steps": 14, "train.save_every": 100, "train.micro_batch": 2, "data.num_workers": 1,
+             "data.length_grouping": "true", "model.trainable": "lora", "model.lora_rank": 4,
+             "model.lora_alpha": 8, "model.lora_dropout": 0.1, "optim.lr": 1e-2}
+    straight = tmp_path / "straight"
+    run_train(tiny_overrides(demo_dir, straight, **extra))
+
+    stopped = tmp_path / "stopped"
+    args = tiny_overrides(demo_dir, stopped, **extra)
+    proc = start_train(args)
+    wait_for_step(stopped, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == train.EXIT_INTERRUPTED, err[-2000:]
+    checkpoints = sorted(stopped.glob("step_*"))
+    assert len(checkpoints) == 1, checkpoints
+    step = int(checkpoints[0].name.split("_")[1])
+    assert 3 <= step < 14, "the run finished before the signal; the test proves nothing"
+    assert (checkpoints[0] / "trainer_state.json").exists() and not list(stopped.glob(".tmp_step_*"))
+    assert f"interrupted by SIGTERM after step {step}" in out and "resume with the same command: python" in out
+    assert "Traceback" not in err
+
+    resumed = run_train(args)
+    assert f"resumed from {checkpoints[0]}" in resumed.stdout
+    a = load_file(str(straight / "step_14" / "model.safetensors"))
+    b = load_file(str(stopped / "step_14" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = train_records(straight), train_records(stopped)
+    for s in range(1, 15):
+        assert ra[s]["loss"] == rb[s]["loss"], s
+
+
+def test_a_second_signal_aborts_and_a_forwarded_copy_does_not(monkeypatch):
+    stop = train.GracefulStop(same_request_s=0.2)
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", lambda code: exits.append(code))
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.name == "SIGTERM" and exits == []
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwarding the same Ctrl-C: still one request
+        assert exits == []
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)  # a real second signal
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_killed_launcher_ends_its_workers_with_a_checkpoint(demo_dir, tmp_path):
+    """SIGKILL on torchrun: its workers get SIGTERM from the kernel (they asked for it), save and exit instead
+    of training on, or waiting forever, without it."""
+    run_dir = tmp_path / "orphans"
+    proc = start_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 100000, "train.save_every": 100000}),
+                       nproc=2)
+    wait_for_step(run_dir, 2, proc)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [int(pid) for pid in children]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                         "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in workers):
+        time.sleep(0.1)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and
+             "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "workers outlived their launcher"
+    assert list(run_dir.glob("step_*")), "the workers did not save before exiting"
+
+
+def test_resume_with_another_split_of_the_same_clips_per_step(demo_dir, tmp_path):
+    """1 x 4 accumulation, resumed as 2 x 2: the same clips per step, so the same losses (to float summation
+    order); a different number of clips per step is refused with the arithmetic spelled out."""
+    common = {"train.max_steps": 6, "train.save_every": 3}
+    straight = tmp_path / "straight"
+    run_train(tiny_overrides(demo_dir, straight, **common, **{"train.grad_accum": 4}))
+    split = tmp_path / "split"
+    run_train(tiny_overrides(demo_dir, split, **{"train.max_steps": 3, "train.grad_accum": 4}))
+    resumed = run_train(tiny_overrides(demo_dir, split, **common, **{"train.micro_batch": 2, "train.grad_accum": 2}))
+    assert "batch split 1x1x4 -> 1x2x2, the same 4 clips per step" in resumed.stdout
+    ra, rb = train_records(straight), train_records(split)
+    for step in range(1, 7):
+        assert rb[step]["loss"] == pytest.approx(ra[step]["loss"], rel=1e-4), step
+        assert rb[step]["n_asst"] == ra[step]["n_asst"], step
+    refused = run_train(tiny_overrides(demo_dir, split, **{"train.max_steps": 8, "train.grad_accum": 3}), check=False)
+    assert refused.returncode == 1 and "saved with 4 clips per optimizer step" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_validation_subset_is_stratified_and_split_independent():
+    lengths = [int(x) for x in np.random.default_rng(1).integers(100, 900, size=50)]
+    subset = train.validation_subset(lengths, 10, seed=0)
+    assert len(subset) == 10 and subset == train.validation_subset(lengths, 10, seed=0)
+    chosen = sorted(lengths[i] for i in subset)
+    ranked = sorted(lengths)
+    for j, length in enumerate(chosen):  # one clip from each fifth-of-a-fifth... each tenth of the length ranking
+        assert ranked[5 * j] <= length <= ranked[5 * j + 4]
+    assert train.validation_subset(lengths, 0, seed=0) == list(range(50))
+    assert train.validation_subset(lengths, 10, seed=1) != subset
+
+
+def test_validation_is_the_same_for_every_split_and_rank_count(demo_dir, tmp_path):
+    """evaluate_loss at rho = 1 on a capped subset: one rank with micro-batch 1, with micro-batch 4, and two gloo
+    ranks give the same losses, counts and head scores; the record keeps the DST-text count (n_dst) apart
+    from the DST-update head's scores (dst)."""
+    extra = {"train.max_steps": 2, "train.eval_every": 2, "train.eval_max_clips": 6, "data.val": "train.json"}
+    records = {}
+    for name, nproc, mb in (("one_mb1", 1, 1), ("one_mb4", 1, 4), ("two_mb2", 2, 2)):
+        run_dir = tmp_path / name
+        run_train(tiny_overrides(demo_dir, run_dir, **extra, **{"train.micro_batch": mb,
+                                                                "train.grad_accum": 4 // (mb * nproc)}), nproc=nproc)
+        vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "val"]
+        assert len(vals) == 1
+        records[name] = vals[0]
+    ref = records["one_mb1"]
+    assert ref["clips"] == 6 and ref["n_dst"] > 0 and set(ref["dst"]) >= {"f1", "auroc", "num_pos"}
+    for name in ("one_mb4", "two_mb2"):
+        other = records[name]
+        for key in ("loss", "asst_ce", "dst_ce", "speak_bce", "dst_bce"):
+            assert other[key] == pytest.approx(ref[key], rel=1e-5), (name, key)
+        assert [other[f"n_{k}"] for k in ("asst", "dst", "speak_pos", "dst_neg")] == \
+               [ref[f"n_{k}"] for k in ("asst", "dst", "speak_pos", "dst_neg")]
+        assert other["speak"]["num_pos"] == ref["speak"]["num_pos"]
+        assert other["dst"]["auroc"] == pytest.approx(ref["dst"]["auroc"], abs=1e-6)
+
+
+def test_fp16_with_grad_scaler_on_cpu(demo_dir, tmp_path):
+    """The Titan RTX path (fp16 autocast + GradScaler), run on the CPU: the scaler's state is checkpointed and
+    restored, weights and optimizer states stay fp32, and the loss falls."""
+    run_dir = tmp_path / "fp16"
+    extra = {"train.precision": "fp16", "train.max_steps": 12, "train.save_every": 6, "train.micro_batch": 4,
+             "optim.lr": 3e-3, "train.log_every": 1}
+    first = run_train(tiny_overrides(demo_dir, run_dir, **{**extra, "train.max_steps": 6}))
+    assert "with a GradScaler" in first.stdout
+    state = json.loads((run_dir / "step_6" / "trainer_state.json").read_text())
+    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    run_train(tiny_overrides(demo_dir, run_dir, **extra))
+    saved = load_file(str(run_dir / "step_12" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for k, t in saved.items() if t.is_floating_point())
+    records = train_records(run_dir)
+    assert records[12]["loss"] < 0.8 * records[1]["loss"]
+
+
+def test_what_the_user_sees(demo_dir, tmp_path):
+    """Short log lines with the same loss names as metrics.jsonl, no carriage returns when not on a terminal,
+    no config dump on the console, a quiet 'nothing to do', checkpoint records; errors name the fix; a failed
+    start leaves no run folder; raising max_steps says what happens to the schedule."""
+    run_dir = tmp_path / "logs"
+    first = run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 4, "train.log_every": 2,
+                                                            "train.save_every": 2}))
+    assert "\r" not in first.stdout + first.stderr
+    step_lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 2 and all(len(line) <= 160 for line in step_lines)
+    assert all(name in step_lines[0] for name in ("asst_ce", "dst_ce", "speak_bce", "dst_bce", "eta"))
+    assert "optim:" not in first.stdout and (run_dir / "config.yaml").exists()
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("checkpoint") == 2
+
+    again = run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 4}))
+    assert again.stdout.strip().splitlines() == [f"nothing to do: {run_dir / 'step_4'} is at step 4 >= train.max_steps=4"]
+
+    longer = run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 6}))
+    assert "train.max_steps changed from 4 to 6" in longer.stdout
+
+    missing = run_train(tiny_overrides(demo_dir, tmp_path / "other", **{"train.resume": str(run_dir / "step_5")}),
+                        check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "step_4" in missing.stderr and "step_6" in missing.stderr  # it lists what exists
+    assert not (tmp_path / "other").exists()  # a failed start leaves no empty run folder
+
+    bad_data = run_train(tiny_overrides(demo_dir, tmp_path / "bad", **{"data.train": "nope.json"}), check=False)
+    assert bad_data.returncode == 1 and "nope.json" in bad_data.stderr and not (tmp_path / "bad").exists()
