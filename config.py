@@ -44,10 +44,12 @@ class DataConfig:
     features_path: str = ""  # optional template overriding frames_file, e.g. "{root}/{dataset}/siglip_features/{video_uid}.arrow"
     num_tokens_per_frame: int = 1  # I: 1 (cls), 5 (cls + 2x2) or 10 (cls + 3x3) tokens per frame
     feature_dim: int = 1152  # F: frame feature size (SigLIP-so400m: 1152)
-    frames_layout: str = "auto"  # per_video: row k = frame k (ProAssist) | per_clip: row i = frame start + i | auto: from the file (a cls-only file named otherwise than the video and long enough for both readings is refused)
+    frames_layout: str = "auto"  # per_video: row k = frame k (ProAssist) | per_clip: row i = frame start + i | auto: per file; refuses a file both fit
+    # (auto reads per video a file named <video_uid>.arrow, with patch columns, or for a clip starting at frame 0;
+    # per clip a file of exactly the clip's frame count; a cls-only file long enough for both readings is refused)
     max_seq_len: int = 4096  # token budget per clip; longer clips are handled by on_overlength
-    on_overlength: str = "error"  # error: refuse to start | drop: train without clips over max_seq_len | split: cut them at frame boundaries into sub-clips that fit
-    on_invalid_clip: str = "error"  # error: one invalid clip refuses the run | skip: list each invalid clip and train on the rest (validate still exits 1)
+    on_overlength: str = "error"  # error: refuse to start | drop: train without clips over max_seq_len | split: cut them into sub-clips that fit
+    on_invalid_clip: str = "error"  # error: one invalid clip refuses the run | skip: list each and run on the rest (validate still exits 1)
     nfs_rho: float = 0.1  # fraction of silent frames kept per clip (negative-frame sub-sampling)
     nfs_schedule: str = "constant"  # constant: nfs_rho throughout | linear: nfs_rho_start -> nfs_rho_end over train.max_steps
     nfs_rho_start: float = 0.1  # rho at step 0 for the linear schedule

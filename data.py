@@ -6,13 +6,13 @@
 
 Everything that decides what the model is trained on lives here, once:
 
-* `event_frame` is the one event-frame rule (SPEC §4.2); the renderer, the labels, the evaluator's
+* `event_frame` is the one event-frame rule; the renderer, the labels, the evaluator's
   references and the reports all call it.
-* `initial_state` recomputes a clip's starting state from the schema spans (SPEC §4.3); the file's
+* `initial_state` recomputes a clip's starting state from the schema spans; the file's
   `initial_dst_state` is only compared against it.
-* `Renderer` turns a clip into tokens piece by piece (SPEC §4.4); streaming inference feeds the same
+* `Renderer` turns a clip into tokens piece by piece; streaming inference feeds the same
   pieces one at a time, so training and inference see the same sequence.
-* `nfs_labels` draws the negative-frame sub-sample from (seed, epoch, clip index) (SPEC §4.5).
+* `nfs_keep` draws the negative-frame sub-sample from (seed, epoch, clip index).
 * `usable_clips` applies data.on_invalid_clip and data.on_overlength to a split, once, for the trainer and
   the evaluator alike; `split_clip` cuts an over-length clip into sub-clips that fit.
 """
@@ -72,7 +72,7 @@ def clip_where(clip: "Clip", turn_index: Optional[int] = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The event-frame rule (SPEC §4.2) and the dialogue state (SPEC §4.3)
+# The event-frame rule and the dialogue state
 
 
 def unclamped_frame(time: float, fps: float) -> int:
@@ -221,8 +221,8 @@ def group_turns(turns: list[Turn]) -> dict[int, FrameEvents]:
 
 
 def state_trajectory(initial: dict[str, str], transitions_per_frame) -> list[dict[str, str]]:
-    """The state after each frame: `initial` plus the legal transitions of that frame and all before it
-    (SPEC §4.3). Illegal transitions leave the state unchanged (validation rejects them in the data)."""
+    """The state after each frame: `initial` plus the legal transitions of that frame and all before it.
+    Illegal transitions leave the state unchanged (validation rejects them in the data)."""
     state, states = dict(initial), []
     for transitions in transitions_per_frame:
         for step_id, transition in transitions:
@@ -439,7 +439,7 @@ def read_split_file(path: Path, problems: list[Problem]) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer and the sequence layout (SPEC §4.4)
+# Tokenizer and the sequence layout
 
 
 def load_tokenizer(path):
@@ -471,7 +471,7 @@ def new_token_ids(tokenizer) -> list[int]:
 
 
 def system_prompt_text(system_text: str, steps: list[Step], state: dict[str, str]) -> str:
-    """The exact system prompt of SPEC §4.4 (pinned by a test), including the trailing newline."""
+    """The exact system prompt (pinned by a test), including the trailing newline."""
     lines = [system_text, "Task steps:"]
     lines += [f"{step.id}: {step.name}" for step in steps]
     lines.append("Current state: " + ", ".join(f"{step.id}: {state[step.id]}" for step in steps))
@@ -579,7 +579,7 @@ class Renderer:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Labels and negative-frame sub-sampling (SPEC §4.5)
+# Labels and negative-frame sub-sampling
 
 
 def nfs_keep(speak_events: np.ndarray, dst_events: np.ndarray, rho: float, seed: int, epoch: int,
@@ -731,21 +731,27 @@ def split_clip(clip: Clip, renderer: Renderer, max_seq_len: int) -> list[Clip]:
 class SplitReport:
     """What `usable_clips` left out of a split or changed, so that the startup log hides nothing."""
     split: str
-    lengths: list[int] = field(default_factory=list)  # rendered tokens of each usable clip, in order (empty without a tokenizer)
-    skipped: dict[int, list[Problem]] = field(default_factory=dict)  # data.on_invalid_clip=skip: clip index -> its errors
-    dropped: list[tuple[Clip, int]] = field(default_factory=list)  # data.on_overlength=drop: (clip, tokens)
-    split_clips: list[tuple[Clip, int, int]] = field(default_factory=list)  # data.on_overlength=split: (clip, tokens, pieces)
+    # rendered tokens of each usable clip, in order (empty without a tokenizer)
+    lengths: list[int] = field(default_factory=list)
+    # data.on_invalid_clip=skip: clip index -> its errors
+    skipped: dict[int, list[Problem]] = field(default_factory=dict)
+    # data.on_overlength=drop: (clip, tokens)
+    dropped: list[tuple[Clip, int]] = field(default_factory=list)
+    # data.on_overlength=split: (clip, tokens, number of sub-clips)
+    split_clips: list[tuple[Clip, int, int]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = []
         for errors in self.skipped.values():
             first = errors[0]
-            reasons = "; ".join((f"turn {p.turn_index}: " if p.turn_index is not None else "") + p.message for p in errors)
+            reasons = "; ".join(
+                (f"turn {p.turn_index}: " if p.turn_index is not None else "") + p.message for p in errors
+            )
             out.append(f"skipped {first.file}:clip {first.clip_index} ({first.video_uid}): {reasons}")
         if self.skipped:
             out.append(f"split '{self.split}': {len(self.skipped)} invalid clip(s) skipped (data.on_invalid_clip=skip)")
         for clip, n in self.dropped:
-            out.append(f"dropped {clip_where(clip)}: renders to {n} tokens")
+            out.append(f"dropped {clip_where(clip)}: renders to {n} tokens, over data.max_seq_len")
         if self.dropped:
             out.append(f"split '{self.split}': {len(self.dropped)} over-length clip(s) dropped (data.on_overlength=drop)")
         if self.split_clips:
@@ -755,7 +761,8 @@ class SplitReport:
         return out
 
 
-def usable_clips(cfg: Config, split: str, tokenizer=None, store: Optional[FrameStore] = None) -> tuple[list[Clip], SplitReport]:
+def usable_clips(cfg: Config, split: str, tokenizer=None,
+                 store: Optional[FrameStore] = None) -> tuple[list[Clip], SplitReport]:
     """The clips of a split that a run can use, after data.on_invalid_clip and data.on_overlength.
 
     Every clip is parsed and checked (schema, turns, transitions, and every row of its frames), and, with a
@@ -774,10 +781,9 @@ def usable_clips(cfg: Config, split: str, tokenizer=None, store: Optional[FrameS
             problems.append(problem)
     errors = [p for p in problems if p.level == "ERROR"]
     file_errors = [p for p in errors if p.clip_index is None]
-    invalid: dict[int, list[Problem]] = {}
-    for p in errors:
-        if p.clip_index is not None:
-            invalid.setdefault(p.clip_index, []).append(p)
+    invalid: dict[int, list[Problem]] = {}  # clip index -> its errors, in clip order
+    for p in sorted((p for p in errors if p.clip_index is not None), key=lambda p: p.clip_index):
+        invalid.setdefault(p.clip_index, []).append(p)
     skip = cfg.data.on_invalid_clip == "skip"
 
     report = SplitReport(split)
@@ -785,12 +791,13 @@ def usable_clips(cfg: Config, split: str, tokenizer=None, store: Optional[FrameS
     over: list[tuple[Clip, int]] = []
     max_len = cfg.data.max_seq_len
     for clip in clips:
+        if skip and clip.index in invalid:
+            continue
         n = len(renderer.render(clip).input_ids) if renderer is not None else None
         if n is None or n <= max_len:
             usable.append(clip)
-            report.lengths.append(n)
-        elif skip and clip.index in invalid:
-            continue  # skipped below; its length is beside the point
+            if n is not None:
+                report.lengths.append(n)
         elif cfg.data.on_overlength == "error":
             over.append((clip, n))
         elif cfg.data.on_overlength == "drop":
@@ -798,18 +805,15 @@ def usable_clips(cfg: Config, split: str, tokenizer=None, store: Optional[FrameS
         else:
             try:
                 pieces = clip_pieces(clip, piece_bounds(clip, renderer, max_len))
-            except DataError as err:
+            except DataError as err:  # an invalid clip like any other: refused, or skipped under skip
                 invalid.setdefault(clip.index, []).append(Problem(
                     "ERROR", clip.file, f"renders to {n} tokens, over data.max_seq_len={max_len}, and "
                     f"data.on_overlength=split cannot cut it: {err}", clip.index, clip.video_uid,
                 ))
                 continue
             report.split_clips.append((clip, n, len(pieces)))
-            for piece in pieces:
-                usable.append(piece)
-                report.lengths.append(len(renderer.render(piece).input_ids))
-    if renderer is None:
-        report.lengths = []
+            usable.extend(pieces)
+            report.lengths.extend(len(renderer.render(piece).input_ids) for piece in pieces)
 
     refusals = []
     if file_errors:
@@ -832,11 +836,8 @@ def usable_clips(cfg: Config, split: str, tokenizer=None, store: Optional[FrameS
     if refusals:
         raise DataError(f"split '{split}' ({files}): " + "\n".join(refusals)
                         + "\n`python data.py validate CONFIG` lists every problem.")
-    if skip and invalid:
+    if skip:
         report.skipped = invalid
-        kept = [(c, n) for c, n in zip(usable, report.lengths or [None] * len(usable)) if c.index not in invalid]
-        usable = [c for c, _ in kept]
-        report.lengths = [n for _, n in kept] if renderer is not None else []
     if not usable:
         left_out = report.lines()
         raise DataError(f"split '{split}' ({files}) has no usable clips" + (":\n" + "\n".join(left_out) if left_out else ""))
@@ -844,7 +845,7 @@ def usable_clips(cfg: Config, split: str, tokenizer=None, store: Optional[FrameS
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dataset, sampler, collate (SPEC §4.6)
+# Dataset, sampler, collate
 
 
 @dataclass(frozen=True)
@@ -1027,7 +1028,7 @@ class Collator:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Validation (SPEC §4.7, §13)
+# Validation
 
 
 def validate(cfg: Config, splits: list[str], tokenizer=None, check_frames: bool = True,
@@ -1133,8 +1134,10 @@ def cmd_validate(args) -> int:
         for note in found.notes:
             print(f"note: {note}", file=sys.stderr)
         tokenizer = load_tokenizer(found.cfg.model.path) if found.check_tokens else None
-        unchecked |= {"frames"} if not found.check_frames else set()
-        unchecked |= {"token lengths"} if not found.check_tokens else set()
+        if not found.check_frames:
+            unchecked.add("frames")
+        if not found.check_tokens:
+            unchecked.add("token lengths")
         problems.extend(validate(found.cfg, found.splits, tokenizer, found.check_frames, found.dim_hint))
         for split in found.splits:
             for path in split_files(found.cfg, split):

@@ -130,7 +130,7 @@ def _non_finite_rows(values: pa.Array, per_row: int) -> np.ndarray:
 class FrameStore:
     """Reads a clip's frame features (or raw frames) on demand; keeps a few files memory-mapped.
 
-    Layouts (SPEC §4.1), detected from the columns and the row count:
+    Layouts, detected from the columns and the row count:
     * ProAssist: one file per video, row k = absolute frame k; `cls` (+ `2x2` / `3x3`).
     * per-clip: one file per clip, only `cls`, exactly end - start rows, row i = frame start + i.
     * raw frames: column `frame` with base64 JPEG.

@@ -47,7 +47,7 @@ def sample_setup(tmp_path, sample_clip, tokenizer_dir):
 
 
 def test_event_frame_rule_examples():
-    # SPEC §4.2: the S1 start at 97.2 s is attached to frame 193 (frames up to 193 seen: 193/2 = 96.5 s).
+    # The S1 start at 97.2 s is attached to frame 193 (frames up to 193 seen: 193/2 = 96.5 s).
     assert data.event_frame(97.2, 2, 193, 451) == 193
     assert data.event_frame(225.2, 2, 193, 451) == 449
     # A turn exactly on a frame boundary: t = 100.0 -> floor(200) - 1 = 199 (float noise absorbed by 1e-6).
@@ -327,7 +327,7 @@ def test_sampler_sharding_and_resume_cursor():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation of bad input (SPEC §13)
+# Validation of bad input
 
 
 def test_validate_reports_every_class_in_one_pass(tmp_path, sample_clip, tokenizer_dir, capsys):
