@@ -1,7 +1,8 @@
 """Data: clip parsing and validation, frame features, the sequence builder, labels, sampler, CLI.
 
     python data.py make-demo --out data/demo [--seed 0] [--videos N]
-    python data.py validate configs/demo.yaml            # or a split file; key=value overrides allowed
+    python data.py validate configs/demo.yaml            # key=value overrides allowed
+    python data.py validate SPLIT.json data.root=DIR model.path=DIR data.feature_dim=F   # a split file alone
     python data.py show configs/demo.yaml --split train --index 0 [--json]
 
 Everything that decides what the model is trained on lives here, once:
@@ -1210,7 +1211,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same bytes)")
     p.add_argument("--videos", type=int, default=None, help="number of training videos (val/test scale with it)")
     p = sub.add_parser("validate", help="check clips; one line per problem; exit 1 on any error")
-    p.add_argument("targets", nargs="+", help="config YAML or split JSON files, then optional key=value overrides")
+    p.add_argument("targets", nargs="+", help="config YAML or split JSON files and key=value overrides (anything "
+                   "with '='); a split file alone takes data.root, model.path and data.feature_dim from them")
     p = sub.add_parser("show", help="print one clip's rendered sequence with every label stream")
     p.add_argument("config", help="config YAML")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
