@@ -3,13 +3,19 @@
     cfg = load_config("configs/demo.yaml", ["train.max_steps=200", "optim.lr=1e-4"])
 
 Defaults live in the dataclasses below, one comment per field. The YAML file overrides the defaults and
-the command line overrides the YAML. Override values are parsed with YAML scalar rules (`1e-4` is a
-float, `true` a bool, `[a, b]` a list). Unknown keys and values of the wrong type are errors that name
-the key, so a typo never silently trains with a default.
+the command line overrides the YAML. Override values are parsed with YAML scalar rules (`true` is a bool,
+`[a, b]` a list); float fields also take whatever Python's `float()` reads, so `1e-4` is a float although
+YAML 1.1 reads it as a string. String fields take the text as written (templates like
+`{root}/{video_uid}.arrow` need no quoting) unless it is quoted, then it is read as a YAML string
+(`run.name='exp 1'`). Unknown keys, values of the wrong type and values out of range (`RANGES`) are
+errors that name the key, so a typo never silently trains with a default and a zero never crashes a run
+hours in. A leading `~` in path fields (`PATH_KEYS`) is the user's home.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,8 +44,12 @@ class DataConfig:
     features_path: str = ""  # optional template overriding frames_file, e.g. "{root}/{dataset}/siglip_features/{video_uid}.arrow"
     num_tokens_per_frame: int = 1  # I: 1 (cls), 5 (cls + 2x2) or 10 (cls + 3x3) tokens per frame
     feature_dim: int = 1152  # F: frame feature size (SigLIP-so400m: 1152)
+    frames_layout: str = "auto"  # per_video: row k = frame k (ProAssist) | per_clip: row i = frame start + i | auto: per file; refuses a file both fit
+    # (auto reads per video a file named <video_uid>.arrow, with patch columns, or for a clip starting at frame 0;
+    # per clip a file of exactly the clip's frame count; a cls-only file long enough for both readings is refused)
     max_seq_len: int = 4096  # token budget per clip; longer clips are handled by on_overlength
-    on_overlength: str = "error"  # error: refuse to start | drop: train without clips over max_seq_len
+    on_overlength: str = "error"  # error: refuse to start | drop: train without clips over max_seq_len | split: cut them into sub-clips that fit
+    on_invalid_clip: str = "error"  # error: one invalid clip refuses the run | skip: list each and run on the rest (validate still exits 1)
     nfs_rho: float = 0.1  # fraction of silent frames kept per clip (negative-frame sub-sampling)
     nfs_schedule: str = "constant"  # constant: nfs_rho throughout | linear: nfs_rho_start -> nfs_rho_end over train.max_steps
     nfs_rho_start: float = 0.1  # rho at step 0 for the linear schedule
@@ -91,19 +101,19 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 5000  # optimizer steps
-    micro_batch: int = 1  # clips per forward pass per rank
-    grad_accum: int = 8  # micro-batches per optimizer step per rank
+    max_steps: int = 5000  # optimizer steps (>= 1)
+    micro_batch: int = 1  # clips per forward pass per rank (>= 1)
+    grad_accum: int = 8  # micro-batches per optimizer step per rank (>= 1)
     eval_every: int = 500  # validation-loss cadence in optimizer steps; 0 = never
     eval_max_clips: int = 0  # validation on a fixed, seeded, length-stratified subset of this many clips; 0 = the whole split
-    save_every: int = 1000  # checkpoint cadence in optimizer steps (a final one is always written)
+    save_every: int = 1000  # checkpoint cadence in optimizer steps (>= 1; a final one is always written)
     keep_last: int = 5  # checkpoints kept; must be >= 2 so a crash while saving never leaves none
     resume: str = "auto"  # auto: newest complete checkpoint of the run dir | never | a checkpoint path
-    seed: int = 0  # seeds weights, sampler order and NFS draws
+    seed: int = 0  # seeds weights, sampler order and NFS draws (>= 0)
     precision: str = "auto"  # auto: bf16 on cc >= 8.0, fp16 + GradScaler below, fp32 on CPU | fp32 | fp16 | bf16
     activation_checkpointing: bool = True  # recompute decoder layers in backward: less memory, ~30% slower
-    log_every: int = 10  # log-line cadence; the only place losses are copied to the host
-    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    log_every: int = 10  # log-line cadence (>= 1); the only place losses are copied to the host
+    max_bad_steps: int = 10  # abort after this many non-finite steps in a row (>= 1)
     auto_batch: bool = False  # GPU only: search the largest micro_batch under 90% of device memory
     tensorboard: bool = False  # also log to TensorBoard when the package is installed
     dist_timeout_s: int = 600  # a collective waiting longer than this fails and ends the rank (a peer or the launcher died)
@@ -136,7 +146,9 @@ class Config:
 
 
 CHOICES = {
-    "data.on_overlength": ("error", "drop"),
+    "data.frames_layout": ("auto", "per_video", "per_clip"),
+    "data.on_overlength": ("error", "drop", "split"),
+    "data.on_invalid_clip": ("error", "skip"),
     "data.nfs_schedule": ("constant", "linear"),
     "data.num_tokens_per_frame": (1, 5, 10),
     "model.init": ("pretrained", "scratch"),
@@ -146,6 +158,100 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
     "eval.context_strategy": ("reset_with_dst", "drop_all", "drop_middle"),
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field; None = unbounded on that side."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # the bound itself is excluded
+    high_open: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if value is None:  # an Optional field set to null (e.g. loss.focal_alpha): off, nothing to check
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, UNIT = Range(0), Range(1), Range(0, 1)
+# Checked when a value is set (file, override or checkpoint), so a zero that would divide by zero or an
+# empty batch fails at startup with the key named instead of crashing after the model has loaded.
+# 0 stays allowed where it means "never"/"off"/"all" (train.eval_every, optim.grad_clip, ...; see the field comments).
+RANGES: dict[str, tuple[Range, str]] = {
+    "data.feature_dim": (AT_LEAST_1, ""),
+    "data.max_seq_len": (AT_LEAST_1, ""),
+    "data.nfs_rho": (UNIT, ""),
+    "data.nfs_rho_start": (UNIT, ""),
+    "data.nfs_rho_end": (UNIT, ""),
+    "data.num_workers": (AT_LEAST_0, "0 loads in the training process"),
+    "data.pad_to_multiple": (AT_LEAST_1, "1 pads to the longest clip of the batch"),
+    "model.lora_rank": (AT_LEAST_1, ""),
+    "model.lora_alpha": (Range(0, low_open=True), ""),
+    "model.lora_dropout": (Range(0, 1, high_open=True), ""),
+    "loss.w_asst": (AT_LEAST_0, ""),
+    "loss.w_dst": (AT_LEAST_0, ""),
+    "loss.w_speak": (AT_LEAST_0, ""),
+    "loss.w_update": (AT_LEAST_0, ""),
+    "loss.focal_gamma": (AT_LEAST_0, "0 is plain BCE"),
+    "loss.focal_alpha": (UNIT, "null turns it off"),
+    "loss.pos_weight": (Range(0, low_open=True), ""),
+    "optim.lr": (AT_LEAST_0, ""),
+    "optim.min_lr_ratio": (UNIT, ""),
+    "optim.warmup_steps": (AT_LEAST_0, ""),
+    "optim.weight_decay": (AT_LEAST_0, ""),
+    "optim.beta1": (Range(0, 1, high_open=True), ""),
+    "optim.beta2": (Range(0, 1, high_open=True), ""),
+    "optim.eps": (Range(0, low_open=True), ""),
+    "optim.grad_clip": (AT_LEAST_0, "0 turns clipping off"),
+    "train.max_steps": (AT_LEAST_1, ""),
+    "train.micro_batch": (AT_LEAST_1, ""),
+    "train.grad_accum": (AT_LEAST_1, ""),
+    "train.eval_every": (AT_LEAST_0, "0 never evaluates"),
+    "train.eval_max_clips": (AT_LEAST_0, "0 evaluates the whole split"),
+    "train.dist_timeout_s": (AT_LEAST_1, ""),
+    "train.save_every": (AT_LEAST_1, "a final checkpoint is always written; a value above train.max_steps saves only that one"),
+    "train.keep_last": (Range(2), "with 1, a crash while saving could leave no checkpoint"),
+    "train.seed": (AT_LEAST_0, "numpy seed sequences take non-negative integers"),
+    "train.log_every": (AT_LEAST_1, ""),
+    "train.max_bad_steps": (AT_LEAST_1, ""),
+    "eval.speak_threshold": (UNIT, ""),
+    "eval.dst_threshold": (UNIT, ""),
+    "eval.max_new_tokens": (AT_LEAST_1, ""),
+    "eval.max_dst_tokens": (AT_LEAST_1, ""),
+    "eval.context_margin": (AT_LEAST_0, ""),
+    "eval.repetition_guard": (AT_LEAST_0, "0 turns the guard off"),
+}
+
+# Fields that name files or directories: a leading `~` is expanded (else `run.dir=~/x` makes a folder named
+# `~`). train.resume and eval.embedder also take words (auto, never, bow) that never start with `~`.
+PATH_KEYS = ("run.dir", "data.root", "data.train", "data.val", "data.test", "data.features_path", "model.path",
+             "train.resume", "eval.embedder")
+
+
+def _accepts_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp))
+
+
+def _type_name(tp: Any) -> str:
+    if _accepts_float(tp) and tp is not float:
+        return "float or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _expand_home(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_expand_home(v) for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -190,20 +296,33 @@ def _set(cfg: Config, key: str, value: Any, source: str) -> None:
         known = ", ".join(f.name for f in dataclasses.fields(section))
         raise ConfigError(f"{source}: unknown key '{key}' (known keys of '{section_name}': {known})")
     tp = hints[field_name]
+    if _accepts_float(tp) and isinstance(value, str):
+        # YAML 1.1 reads `1e-4` (no dot) as a string; a float field takes whatever float() takes.
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # refused just below, with the key named
     if not _type_ok(value, tp):
-        tp_name = getattr(tp, "__name__", str(tp))
         raise ConfigError(
-            f"{source}: key '{key}' expects {tp_name}, got {type(value).__name__} {value!r}"
+            f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}"
         )
     value = _coerce(value, tp)
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{source}: key '{key}' must be one of {list(CHOICES[key])}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{key}' must be a finite number, got {value!r}")
+    if key in RANGES and value not in RANGES[key][0]:
+        allowed, why = RANGES[key]
+        raise ConfigError(f"{source}: key '{key}' must be {allowed}{f' ({why})' if why else ''}, got {value!r}")
+    if key in PATH_KEYS:
+        value = _expand_home(value)
     setattr(section, field_name, value)
 
 
 def parse_override(cfg: Config, text: str) -> tuple[str, Any]:
     """`key=value` with the value read by YAML scalar rules; string fields take the text as written,
-    so templates like `{root}/{video_uid}.arrow` need no quoting."""
+    so templates like `{root}/{video_uid}.arrow` need no quoting, unless it is quoted ('exp 1', "bow"):
+    then it is read as one YAML string, quotes and escapes resolved."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key=value (e.g. train.max_steps=200)")
     key, raw = text.split("=", 1)
@@ -211,7 +330,16 @@ def parse_override(cfg: Config, text: str) -> tuple[str, Any]:
     section_name, _, field_name = key.partition(".")
     section = getattr(cfg, section_name, None)
     if dataclasses.is_dataclass(section) and typing.get_type_hints(type(section)).get(field_name) is str:
-        return key, raw
+        quoted = raw.strip()
+        if len(quoted) < 2 or quoted[0] not in "'\"" or quoted[-1] != quoted[0]:
+            return key, raw
+        try:
+            value = yaml.safe_load(quoted)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{text}': the quoted value of '{key}' is not one YAML string ({err})") from None
+        if not isinstance(value, str):
+            raise ConfigError(f"override '{text}': the quoted value of '{key}' is not one YAML string")
+        return key, value
     try:
         return key, yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
@@ -253,8 +381,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         cfg.run.name = Path(path).stem if path is not None else "run"
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / cfg.run.name)
-    if cfg.train.keep_last < 2:
-        raise ConfigError("train.keep_last must be >= 2: with 1, a crash while saving could leave no checkpoint")
     return cfg
 
 

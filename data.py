@@ -1,22 +1,26 @@
 """Data: clip parsing and validation, frame features, the sequence builder, labels, sampler, CLI.
 
     python data.py make-demo --out data/demo [--seed 0] [--videos N]
-    python data.py validate configs/demo.yaml            # or a split file; key=value overrides allowed
+    python data.py validate configs/demo.yaml            # key=value overrides allowed
+    python data.py validate SPLIT.json data.root=DIR model.path=DIR data.feature_dim=F   # a split file alone
     python data.py show configs/demo.yaml --split train --index 0 [--json]
 
 Everything that decides what the model is trained on lives here, once:
 
-* `event_frame` is the one event-frame rule (SPEC §4.2); the renderer, the labels, the evaluator's
+* `event_frame` is the one event-frame rule; the renderer, the labels, the evaluator's
   references and the reports all call it.
-* `initial_state` recomputes a clip's starting state from the schema spans (SPEC §4.3); the file's
+* `initial_state` recomputes a clip's starting state from the schema spans; the file's
   `initial_dst_state` is only compared against it.
-* `Renderer` turns a clip into tokens piece by piece (SPEC §4.4); streaming inference feeds the same
+* `Renderer` turns a clip into tokens piece by piece; streaming inference feeds the same
   pieces one at a time, so training and inference see the same sequence.
-* `nfs_labels` draws the negative-frame sub-sample from (seed, epoch, clip index) (SPEC §4.5).
+* `nfs_keep` draws the negative-frame sub-sample from (seed, epoch, clip index).
+* `usable_clips` applies data.on_invalid_clip and data.on_overlength to a split, once, for the trainer and
+  the evaluator alike; `split_clip` cuts an over-length clip into sub-clips that fit.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -29,7 +33,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from config import Config, ConfigError, load_config, split_files
-from frames import DataError, FrameStore
+from frames import DataError, FeatureDimError, FrameStore
 
 SPECIAL_TOKENS = ("<image>", "[USER]", "[DST]", "[ASST]")
 PAD_TOKEN = "<pad>"
@@ -63,11 +67,13 @@ class Problem:
 
 def clip_where(clip: "Clip", turn_index: Optional[int] = None) -> str:
     where = f"{clip.file}:clip {clip.index} ({clip.video_uid})"
+    if clip.part is not None:
+        where += f":part {clip.part} (frames [{clip.start}, {clip.end}))"
     return where + (f":turn {turn_index}" if turn_index is not None else "")
 
 
 # ----------------------------------------------------------------------------------------------------
-# The event-frame rule (SPEC §4.2) and the dialogue state (SPEC §4.3)
+# The event-frame rule and the dialogue state
 
 
 def unclamped_frame(time: float, fps: float) -> int:
@@ -179,10 +185,18 @@ class Clip:
     turns: list[Turn]
     file_initial_state: Optional[dict]
     extra: dict = field(default_factory=dict)  # max_seq_len, num_tokens_per_img as written in the file
+    part: Optional[int] = None  # sub-clip number (0, 1, ...) when data.on_overlength=split cut the clip, else None
 
     @property
     def num_frames(self) -> int:
         return self.end - self.start
+
+    @property
+    def nfs_key(self) -> list[int]:
+        """What seeds this clip's NFS draw besides (seed, epoch): its position in the split file(s), so skipping
+        or dropping other clips changes nothing, plus part + 1 for a sub-clip (numpy seed sequences ignore
+        trailing zeros: [index, 0] would draw exactly what [index] draws)."""
+        return [self.index] if self.part is None else [self.index, self.part + 1]
 
     def initial_state(self) -> dict[str, str]:
         return initial_state(self.steps, self.start, self.fps)
@@ -208,8 +222,8 @@ def group_turns(turns: list[Turn]) -> dict[int, FrameEvents]:
 
 
 def state_trajectory(initial: dict[str, str], transitions_per_frame) -> list[dict[str, str]]:
-    """The state after each frame: `initial` plus the legal transitions of that frame and all before it
-    (SPEC §4.3). Illegal transitions leave the state unchanged (validation rejects them in the data)."""
+    """The state after each frame: `initial` plus the legal transitions of that frame and all before it.
+    Illegal transitions leave the state unchanged (validation rejects them in the data)."""
     state, states = dict(initial), []
     for transitions in transitions_per_frame:
         for step_id, transition in transitions:
@@ -426,7 +440,7 @@ def read_split_file(path: Path, problems: list[Problem]) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer and the sequence layout (SPEC §4.4)
+# Tokenizer and the sequence layout
 
 
 def load_tokenizer(path):
@@ -458,7 +472,7 @@ def new_token_ids(tokenizer) -> list[int]:
 
 
 def system_prompt_text(system_text: str, steps: list[Step], state: dict[str, str]) -> str:
-    """The exact system prompt of SPEC §4.4 (pinned by a test), including the trailing newline."""
+    """The exact system prompt (pinned by a test), including the trailing newline."""
     lines = [system_text, "Task steps:"]
     lines += [f"{step.id}: {step.name}" for step in steps]
     lines.append("Current state: " + ", ".join(f"{step.id}: {state[step.id]}" for step in steps))
@@ -566,20 +580,22 @@ class Renderer:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Labels and negative-frame sub-sampling (SPEC §4.5)
+# Labels and negative-frame sub-sampling
 
 
-def nfs_keep(speak_events: np.ndarray, dst_events: np.ndarray, rho: float, seed: int, epoch: int, clip_index: int) -> np.ndarray:
+def nfs_keep(speak_events: np.ndarray, dst_events: np.ndarray, rho: float, seed: int, epoch: int,
+             clip_key: int | list[int]) -> np.ndarray:
     """Frames whose head labels are kept: all event frames plus a seeded sample of the silent ones.
 
     Positives of one head are always-kept ("hard") negatives of the other. The silent sample depends only
-    on (seed, epoch, clip index), so every rank, resume and re-run draws the same frames.
+    on (seed, epoch, clip key), so every rank, resume and re-run draws the same frames. The key is the clip
+    index, or `Clip.nfs_key` (index and part) for a sub-clip.
     """
     keep = speak_events | dst_events
     silent = np.flatnonzero(~keep)
     if len(silent) and rho < 1.0:
         n_keep = max(1, int(math.floor(rho * len(silent) + 0.5)))  # round half up, the same on every platform
-        rng = np.random.default_rng([seed, epoch, clip_index])
+        rng = np.random.default_rng([seed, epoch, *np.atleast_1d(clip_key).tolist()])
         keep = keep.copy()
         keep[rng.choice(silent, size=min(n_keep, len(silent)), replace=False)] = True
     elif len(silent):
@@ -607,7 +623,230 @@ def rho_at(cfg: Config, step: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dataset, sampler, collate (SPEC §4.6)
+# Usable clips: the invalid-clip and over-length policies (data.on_invalid_clip, data.on_overlength)
+
+
+def frame_problem(store: FrameStore, clip: Clip, dim_hint: str = "") -> Optional[Problem]:
+    """The start-up frame check of one clip (every row read once, no copies) as a Problem, or None.
+    `dim_hint` is added to a feature-dimension mismatch (the CLI says there which default it used)."""
+    try:
+        store.check(clip)
+    except FeatureDimError as err:
+        hint = dim_hint.format(found=err.found) if dim_hint else ""
+        return Problem("ERROR", clip.file, f"{err}{hint}", clip.index, clip.video_uid)
+    except DataError as err:
+        return Problem("ERROR", clip.file, str(err), clip.index, clip.video_uid)
+    return None
+
+
+def piece_bounds(clip: Clip, renderer: Renderer, max_seq_len: int) -> list[tuple[int, int]]:
+    """Frame ranges [a, b) that cut `clip` into sub-clips of at most `max_seq_len` tokens each.
+
+    Every piece repeats the prompt (with the state at its own first frame) and carries its frames' own tokens
+    unchanged, so a piece's length is its prompt plus the sum of its frames' tokens. A cut before frame a
+    is allowed only where
+    * no turn is attached to frame a - 1: the event-frame rule clamps a turn at u = a - 1 onto the first
+      frame of the piece that starts at a, so it would be attached in both pieces;
+    * the state the step spans give at a (`initial_state`, which the next piece's prompt shows) equals the
+      state replayed from the clip's own updates through frame a - 1, so that prompt agrees with the stream.
+    Pieces are taken greedily, each as long as fits. Raises DataError (naming the frame) where no allowed cut
+    fits, e.g. a single frame whose own events exceed the budget.
+    """
+    rendered = renderer.render(clip)
+    in_frames = rendered.token_frames >= 0
+    frame_tokens = np.bincount(rendered.token_frames[in_frames] - clip.start, minlength=clip.num_frames)  # (n,)
+    tokens_before = np.concatenate([[0], np.cumsum(frame_tokens)])  # (n + 1,): tokens of frames [start, start + i)
+    events = clip.events()
+    replayed = state_trajectory(clip.initial_state(), [
+        events[k].transitions if k in events else [] for k in range(clip.start, clip.end)
+    ])  # state after each frame
+
+    prompt_lengths: dict[tuple, int] = {}
+
+    def prompt_length(first_frame: int) -> int:
+        state = initial_state(clip.steps, first_frame, clip.fps)
+        key = tuple(state.values())
+        if key not in prompt_lengths:
+            prompt_lengths[key] = len(renderer.prompt(clip.system_text, clip.steps, state))
+        return prompt_lengths[key]
+
+    def can_cut(a: int) -> bool:
+        return a - 1 not in events and initial_state(clip.steps, a, clip.fps) == replayed[a - 1 - clip.start]
+
+    bounds = []
+    a = clip.start
+    while a < clip.end:
+        i = a - clip.start
+        budget = max_seq_len - prompt_length(a)
+        # The furthest boundary b such that frames [a, b) fit next to the prompt.
+        last_fit = a + int(np.searchsorted(tokens_before[i + 1:] - tokens_before[i], budget, side="right"))
+        if last_fit == a:
+            raise DataError(
+                f"frame {a} alone renders to {prompt_length(a)} prompt + {int(frame_tokens[i])} frame tokens, over "
+                f"data.max_seq_len={max_seq_len}: no cut can make it fit (shorten the turns attached to frame {a}, "
+                f"or raise data.max_seq_len)"
+            )
+        b = last_fit
+        while clip.start < b < clip.end and b > a and not can_cut(b):
+            b -= 1
+        if b == a:
+            raise DataError(
+                f"no cut fits between frame {a} and frame {last_fit}: every frame boundary there follows a frame with "
+                f"turns attached (a cut would attach them to both sub-clips) or a frame where the step spans disagree "
+                f"with the replayed updates; raise data.max_seq_len or drop this clip (data.on_overlength=drop)"
+            )
+        bounds.append((a, b))
+        a = b
+    return bounds
+
+
+def clip_pieces(clip: Clip, bounds: list[tuple[int, int]]) -> list[Clip]:
+    """The sub-clips of `clip` over `bounds` (from `piece_bounds`): each a clip of its own whose initial state
+    comes from the step spans at its first frame (`Clip.initial_state`) and whose turns are attached by the
+    event-frame rule within its own frames. Every timed turn lands in exactly one piece, at its frame."""
+    pieces = []
+    for part, (a, b) in enumerate(bounds):
+        turns = [t for t in clip.turns if t.frame is None]  # the leading system turn: every piece's prompt
+        for turn in clip.turns:
+            if turn.frame is not None and a <= turn.frame < b:
+                frame = event_frame(turn.time, clip.fps, a, b)
+                assert frame == turn.frame, (clip_where(clip, turn.index), a, b, frame, turn.frame)
+                turns.append(dataclasses.replace(turn, frame=frame))
+        pieces.append(dataclasses.replace(
+            clip, start=a, end=b, turns=turns, part=part,
+            file_initial_state=clip.file_initial_state if part == 0 else None,
+        ))
+    return pieces
+
+
+def split_clip(clip: Clip, renderer: Renderer, max_seq_len: int) -> list[Clip]:
+    """Cut an over-length clip at frame boundaries into sub-clips of at most `max_seq_len` tokens each
+    (`piece_bounds`, `clip_pieces`). They keep the clip's file, index and video_uid; `part` numbers them."""
+    try:
+        return clip_pieces(clip, piece_bounds(clip, renderer, max_seq_len))
+    except DataError as err:
+        raise DataError(f"{clip_where(clip)}: {err}") from None
+
+
+@dataclass
+class SplitReport:
+    """What `usable_clips` left out of a split or changed, so that the startup log hides nothing."""
+    split: str
+    # rendered tokens of each usable clip, in order (empty without a tokenizer)
+    lengths: list[int] = field(default_factory=list)
+    # data.on_invalid_clip=skip: clip index -> its errors
+    skipped: dict[int, list[Problem]] = field(default_factory=dict)
+    # data.on_overlength=drop: (clip, tokens)
+    dropped: list[tuple[Clip, int]] = field(default_factory=list)
+    # data.on_overlength=split: (clip, tokens, number of sub-clips)
+    split_clips: list[tuple[Clip, int, int]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = []
+        for errors in self.skipped.values():
+            first = errors[0]
+            reasons = "; ".join(
+                (f"turn {p.turn_index}: " if p.turn_index is not None else "") + p.message for p in errors
+            )
+            out.append(f"skipped {first.file}:clip {first.clip_index} ({first.video_uid}): {reasons}")
+        if self.skipped:
+            out.append(f"split '{self.split}': {len(self.skipped)} invalid clip(s) skipped (data.on_invalid_clip=skip)")
+        for clip, n in self.dropped:
+            out.append(f"dropped {clip_where(clip)}: renders to {n} tokens, over data.max_seq_len")
+        if self.dropped:
+            out.append(f"split '{self.split}': {len(self.dropped)} over-length clip(s) dropped (data.on_overlength=drop)")
+        if self.split_clips:
+            pieces = sum(n for _, _, n in self.split_clips)
+            out.append(f"split '{self.split}': {len(self.split_clips)} over-length clip(s) cut into {pieces} sub-clips "
+                       f"(data.on_overlength=split)")
+        return out
+
+
+def usable_clips(cfg: Config, split: str, tokenizer=None,
+                 store: Optional[FrameStore] = None) -> tuple[list[Clip], SplitReport]:
+    """The clips of a split that a run can use, after data.on_invalid_clip and data.on_overlength.
+
+    Every clip is parsed and checked (schema, turns, transitions, and every row of its frames), and, with a
+    tokenizer, rendered and measured. Under the `error` policies any invalid or over-length clip refuses the
+    run: one DataError lists them all. `skip` leaves invalid clips out, `drop` over-length ones, `split` cuts
+    over-length ones into sub-clips (`split_clip`); the report says which, for the startup log. Without a
+    tokenizer the token budget is not checked. A problem with a split file itself (missing, invalid JSON)
+    always refuses.
+    """
+    store = store if store is not None else FrameStore.from_config(cfg)
+    renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame) if tokenizer is not None else None
+    clips, problems = load_split(cfg, split)
+    for clip in clips:
+        problem = frame_problem(store, clip)
+        if problem is not None:
+            problems.append(problem)
+    errors = [p for p in problems if p.level == "ERROR"]
+    file_errors = [p for p in errors if p.clip_index is None]
+    invalid: dict[int, list[Problem]] = {}  # clip index -> its errors, in clip order
+    for p in sorted((p for p in errors if p.clip_index is not None), key=lambda p: p.clip_index):
+        invalid.setdefault(p.clip_index, []).append(p)
+    skip = cfg.data.on_invalid_clip == "skip"
+
+    report = SplitReport(split)
+    usable: list[Clip] = []
+    over: list[tuple[Clip, int]] = []
+    max_len = cfg.data.max_seq_len
+    for clip in clips:
+        if skip and clip.index in invalid:
+            continue
+        n = len(renderer.render(clip).input_ids) if renderer is not None else None
+        if n is None or n <= max_len:
+            usable.append(clip)
+            if n is not None:
+                report.lengths.append(n)
+        elif cfg.data.on_overlength == "error":
+            over.append((clip, n))
+        elif cfg.data.on_overlength == "drop":
+            report.dropped.append((clip, n))
+        else:
+            try:
+                pieces = clip_pieces(clip, piece_bounds(clip, renderer, max_len))
+            except DataError as err:  # an invalid clip like any other: refused, or skipped under skip
+                invalid.setdefault(clip.index, []).append(Problem(
+                    "ERROR", clip.file, f"renders to {n} tokens, over data.max_seq_len={max_len}, and "
+                    f"data.on_overlength=split cannot cut it: {err}", clip.index, clip.video_uid,
+                ))
+                continue
+            report.split_clips.append((clip, n, len(pieces)))
+            usable.extend(pieces)
+            report.lengths.extend(len(renderer.render(piece).input_ids) for piece in pieces)
+
+    refusals = []
+    if file_errors:
+        refusals.append("\n".join(str(p) for p in file_errors))
+    if invalid and not skip:
+        shown = [str(p) for ps in list(invalid.values())[:20] for p in ps]
+        more = f"\n... and {len(invalid) - 20} more clip(s)" if len(invalid) > 20 else ""
+        refusals.append(
+            f"{len(invalid)} invalid clip(s); fix them, or set data.on_invalid_clip=skip to run on the rest:\n"
+            + "\n".join(shown) + more
+        )
+    if over:
+        listing = "; ".join(f"{clip_where(c)}: {n} tokens" for c, n in over[:10])
+        more = f"; ... and {len(over) - 10} more" if len(over) > 10 else ""
+        refusals.append(
+            f"{len(over)} clip(s) exceed data.max_seq_len={max_len} ({listing}{more}). Set data.on_overlength=split "
+            f"to cut them into sub-clips that fit, or data.on_overlength=drop to run without them."
+        )
+    files = ", ".join(map(str, split_files(cfg, split)))
+    if refusals:
+        raise DataError(f"split '{split}' ({files}): " + "\n".join(refusals)
+                        + "\n`python data.py validate CONFIG` lists every problem.")
+    if skip:
+        report.skipped = invalid
+    if not usable:
+        left_out = report.lines()
+        raise DataError(f"split '{split}' ({files}) has no usable clips" + (":\n" + "\n".join(left_out) if left_out else ""))
+    return usable, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dataset, sampler, collate
 
 
 @dataclass(frozen=True)
@@ -620,50 +859,22 @@ class ItemKey:
 
 
 class ClipDataset:
-    """A split's validated clips; items are rendered and labelled on demand (features read per clip)."""
+    """A split's usable clips (`usable_clips`: every clip and every frame row checked before the first step,
+    invalid and over-length clips handled by data.on_invalid_clip and data.on_overlength); items are rendered
+    and labelled on demand, features read per clip. `announce` prints what was skipped, dropped or split
+    (pass False on all but one rank)."""
 
-    def __init__(self, cfg: Config, split: str, tokenizer, full_frame_check: bool = False):
+    def __init__(self, cfg: Config, split: str, tokenizer, announce: bool = True):
         self.cfg = cfg
         self.split = split
-        clips, problems = load_split(cfg, split)
-        errors = [p for p in problems if p.level == "ERROR"]
-        if errors:
-            shown = "\n".join(str(p) for p in errors[:20])
-            more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-            raise DataError(
-                f"split '{split}' has {len(errors)} error(s); run `python data.py validate` for the full list:\n{shown}{more}"
-            )
-        if not clips:
-            raise DataError(f"split '{split}' ({', '.join(map(str, split_files(cfg, split)))}) has no clips")
         self.renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
-        self.store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
-        self.lengths = [len(self.renderer.render(c).input_ids) for c in clips]
-        over = [(c, n) for c, n in zip(clips, self.lengths) if n > cfg.data.max_seq_len]
-        self.dropped = []
-        if over:
-            listing = "; ".join(f"{clip_where(c)}: {n} tokens" for c, n in over[:10])
-            if cfg.data.on_overlength == "error":
-                raise DataError(
-                    f"split '{split}': {len(over)} clip(s) exceed data.max_seq_len={cfg.data.max_seq_len} "
-                    f"({listing}). Set data.on_overlength=drop to train without them."
-                )
-            self.dropped = [c for c, _ in over]
-            keep = [i for i, n in enumerate(self.lengths) if n <= cfg.data.max_seq_len]
-            clips = [clips[i] for i in keep]
-            self.lengths = [self.lengths[i] for i in keep]
-        self.clips = clips
-        # Every clip's frames file is opened once now (layout, rows, columns, dim), not discovered broken
-        # hours into training; `full_frame_check` also reads every value (what `data.py validate` does).
-        problems = []
-        for clip in clips:
-            try:
-                self.store.features(clip) if full_frame_check else self.store.check(clip)
-            except DataError as err:
-                problems.append(str(err))
-        if problems:
-            more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise DataError(f"split '{split}': {len(problems)} clip(s) with unusable frames:\n"
-                            + "\n".join(problems[:10]) + more)
+        self.store = FrameStore.from_config(cfg)
+        self.clips, self.report = usable_clips(cfg, split, tokenizer, self.store)
+        self.lengths = self.report.lengths
+        self.dropped = [clip for clip, _ in self.report.dropped]
+        if announce:
+            for line in self.report.lines():
+                print(line)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -672,12 +883,14 @@ class ClipDataset:
         """One clip rendered and labelled; `with_features=False` skips the frame read (label counting)."""
         clip = self.clips[index]
         rendered = self.renderer.render(clip)
-        keep = nfs_keep(rendered.speak_events, rendered.dst_events, rho, self.cfg.train.seed, epoch, clip.index)
+        keep = nfs_keep(rendered.speak_events, rendered.dst_events, rho, self.cfg.train.seed, epoch, clip.nfs_key)
         speak, update = head_labels(rendered, keep)
         n_images = int((rendered.input_ids == self.renderer.image_id).sum())
         if with_features:
+            # Checked at start-up; a failure now (a file changed since) raises a DataError naming the clip.
             features = self.store.features(clip)
-            assert features.shape[0] == n_images, (clip_where(clip), features.shape, n_images)
+            if features.shape[0] != n_images:
+                raise DataError(f"{clip_where(clip)}: {features.shape[0]} feature rows for {n_images} <image> tokens")
         else:
             features = np.zeros((n_images, 0), dtype=np.float32)
         decision_mask = np.zeros(len(rendered.input_ids), dtype=bool)
@@ -828,29 +1041,43 @@ class Collator:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Validation (SPEC §4.7, §13)
+# Validation
 
 
-def validate(cfg: Config, splits: list[str], tokenizer=None) -> list[Problem]:
-    """Every problem of the given splits, in one pass: schema, roles, times, transitions, frames, tokens."""
+def validate(cfg: Config, splits: list[str], tokenizer=None, check_frames: bool = True,
+             dim_hint: str = "") -> list[Problem]:
+    """Every problem of the given splits, in one pass: schema, roles, times, transitions, frames (every row),
+    tokens. data.on_invalid_clip does not apply here: every invalid clip is reported, so the exit status says
+    whether the data is clean. An over-length clip is an error, unless data.on_overlength=split can cut it
+    (then a warning saying into how many sub-clips)."""
     problems: list[Problem] = []
-    store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
+    store = FrameStore.from_config(cfg)
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame) if tokenizer is not None else None
+    max_len = cfg.data.max_seq_len
     for split in splits:
         clips, split_problems = load_split(cfg, split)
         problems.extend(split_problems)
         for clip in clips:
+            problem = frame_problem(store, clip, dim_hint) if check_frames else None
+            if problem is not None:
+                problems.append(problem)
+            if renderer is None:
+                continue
+            n = len(renderer.render(clip).input_ids)
+            if n <= max_len:
+                continue
+            over = f"clip renders to {n} tokens, over data.max_seq_len={max_len}"
+            if cfg.data.on_overlength != "split":
+                problems.append(Problem("ERROR", clip.file, over, clip.index, clip.video_uid))
+                continue
             try:
-                store.features(clip)
+                pieces = piece_bounds(clip, renderer, max_len)
             except DataError as err:
-                problems.append(Problem("ERROR", clip.file, str(err), clip.index, clip.video_uid))
-            if renderer is not None:
-                n = len(renderer.render(clip).input_ids)
-                if n > cfg.data.max_seq_len:
-                    problems.append(Problem(
-                        "ERROR", clip.file, f"clip renders to {n} tokens, over data.max_seq_len={cfg.data.max_seq_len}",
-                        clip.index, clip.video_uid,
-                    ))
+                problems.append(Problem("ERROR", clip.file, f"{over}, and data.on_overlength=split cannot cut it: {err}",
+                                        clip.index, clip.video_uid))
+                continue
+            problems.append(Problem("WARNING", clip.file, f"{over}; data.on_overlength=split cuts it into "
+                                    f"{len(pieces)} sub-clips", clip.index, clip.video_uid))
     return problems
 
 
@@ -858,33 +1085,75 @@ def validate(cfg: Config, splits: list[str], tokenizer=None) -> list[Problem]:
 # CLI
 
 
-def _config_for(target: str, overrides: list[str]) -> tuple[Config, list[str]]:
-    """A config file gives its splits; a split file is validated alone, its directory as data.root."""
+@dataclass
+class ValidationTarget:
+    """What `data.py validate` checks for one command-line target, and what it could not check and why."""
+    cfg: Config
+    splits: list[str]
+    notes: list[str]  # printed to stderr: defaults used, checks skipped and the fix
+    check_frames: bool = True
+    check_tokens: bool = True
+    dim_hint: str = ""  # added to a feature-dimension error when data.feature_dim is a default nobody chose
+
+
+def validation_target(target: str, overrides: list[str]) -> ValidationTarget:
+    """A config file gives its splits. A split file is validated alone: data.root, model.path and
+    data.feature_dim come from the command line; otherwise the defaults are used where they exist, and the
+    notes say which were used, or what could not be checked and how to fix it."""
+    given = {o.split("=", 1)[0].strip() for o in overrides}
     if target.endswith((".yaml", ".yml")):
-        return load_config(target, overrides), ["train", "val", "test"]
-    path = Path(target)
-    cfg = load_config(None, [f"data.train={json.dumps(str(path.resolve()))}"] + overrides)
-    if not any(o.startswith("data.root=") for o in overrides):
-        cfg.data.root = str(path.resolve().parent)
-    return cfg, ["train"]
+        cfg = load_config(target, overrides)
+        found = ValidationTarget(cfg, [s for s in ("train", "val", "test") if getattr(cfg.data, s)], [])
+    else:
+        defaults = Config()
+        cfg = load_config(None, [f"data.train={json.dumps(str(Path(target).resolve()))}", *overrides])
+        found = ValidationTarget(cfg, ["train"], [])
+        needs_root = "data.features_path" not in given or "{root}" in cfg.data.features_path
+        if needs_root and "data.root" not in given:
+            if Path(defaults.data.root).is_dir():
+                found.notes.append(f"{target}: data.root not given; frames resolved against the default "
+                                   f"data.root={defaults.data.root}")
+            else:
+                found.check_frames = False
+                found.notes.append(f"{target}: frames not checked: data.root not given and the default "
+                                   f"'{defaults.data.root}' does not exist; pass data.root=DIR (frames_file paths "
+                                   f"are relative to it)")
+        if "model.path" not in given:
+            if Path(defaults.model.path).is_dir():
+                found.notes.append(f"{target}: model.path not given; token lengths measured with the default "
+                                   f"model.path={defaults.model.path} (the demo tokenizer); pass model.path=DIR "
+                                   f"to measure them with your model's tokenizer")
+            else:
+                found.check_tokens = False
+                found.notes.append(f"{target}: token lengths not checked: model.path not given and the default "
+                                   f"'{defaults.model.path}' does not exist; pass model.path=DIR (the model's "
+                                   f"tokenizer directory)")
+        if "data.feature_dim" not in given:
+            found.dim_hint = (f" (data.feature_dim={defaults.data.feature_dim} is the default, as no config was "
+                              f"given: pass data.feature_dim={{found}}, or validate with the run's config file)")
+    if found.check_tokens and not Path(cfg.model.path).is_dir():
+        found.check_tokens = False
+        found.notes.append(f"{target}: token lengths not checked: model.path '{cfg.model.path}' is not a "
+                           f"directory; pass model.path=DIR (the model's tokenizer directory)")
+    return found
 
 
 def cmd_validate(args) -> int:
     problems: list[Problem] = []
     clips_checked = 0
+    unchecked: set[str] = set()
     for target in args.targets:
-        cfg, splits = _config_for(target, args.overrides)
-        tokenizer = None
-        if Path(cfg.model.path).is_dir():
-            tokenizer = load_tokenizer(cfg.model.path)
-        else:
-            print(f"note: model.path '{cfg.model.path}' not found; token lengths are not checked", file=sys.stderr)
-        if splits != ["train"]:
-            splits = [s for s in splits if getattr(cfg.data, s)]
-        found = validate(cfg, splits, tokenizer)
-        problems.extend(found)
-        for split in splits:
-            for path in split_files(cfg, split):
+        found = validation_target(target, args.overrides)
+        for note in found.notes:
+            print(f"note: {note}", file=sys.stderr)
+        tokenizer = load_tokenizer(found.cfg.model.path) if found.check_tokens else None
+        if not found.check_frames:
+            unchecked.add("frames")
+        if not found.check_tokens:
+            unchecked.add("token lengths")
+        problems.extend(validate(found.cfg, found.splits, tokenizer, found.check_frames, found.dim_hint))
+        for split in found.splits:
+            for path in split_files(found.cfg, split):
                 if path.is_file():
                     raws = read_split_file(path, [])
                     clips_checked += len(raws)
@@ -892,7 +1161,8 @@ def cmd_validate(args) -> int:
         print(p)
     errors = sum(p.level == "ERROR" for p in problems)
     warnings = sum(p.level == "WARNING" for p in problems)
-    print(f"validated {clips_checked} clip(s): {errors} error(s), {warnings} warning(s)")
+    not_checked = f"; not checked: {', '.join(sorted(unchecked))} (see the notes above)" if unchecked else ""
+    print(f"validated {clips_checked} clip(s): {errors} error(s), {warnings} warning(s){not_checked}")
     return 1 if errors else 0
 
 
@@ -953,7 +1223,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same bytes)")
     p.add_argument("--videos", type=int, default=None, help="number of training videos (val/test scale with it)")
     p = sub.add_parser("validate", help="check clips; one line per problem; exit 1 on any error")
-    p.add_argument("targets", nargs="+", help="config YAML or split JSON files, then optional key=value overrides")
+    p.add_argument("targets", nargs="+", help="config YAML or split JSON files and key=value overrides (anything "
+                   "with '='); a split file alone takes data.root, model.path and data.feature_dim from them")
     p = sub.add_parser("show", help="print one clip's rendered sequence with every label stream")
     p.add_argument("config", help="config YAML")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -963,8 +1234,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
-            args.overrides = [t for t in args.targets if "=" in t and not t.endswith((".json", ".yaml", ".yml"))]
-            args.targets = [t for t in args.targets if t not in args.overrides]
+            # key=value is an override whatever it ends with (data.train=foo.json); the rest are files.
+            args.overrides = [t for t in args.targets if "=" in t]
+            args.targets = [t for t in args.targets if "=" not in t]
             return cmd_validate(args)
         if args.command == "show":
             return cmd_show(args)

@@ -37,7 +37,7 @@ from checkpoint import CheckpointError, load_for_inference, read_config, require
 from config import Config, ConfigError, load_config
 from data import (
     Clip, DataError, FrameEvents, FrameStore, Renderer, Step, Turn, apply_transition, event_frame, format_transitions,
-    group_turns, load_split, parse_transitions, state_trajectory,
+    group_turns, parse_transitions, state_trajectory, usable_clips,
 )
 from demo import DATASET_NAME as DEMO_DATASET
 
@@ -544,12 +544,17 @@ def evaluate(args) -> int:
         args.dst_threshold if args.dst_threshold is not None else cfg.eval.dst_threshold,
     )
 
-    clips, problems = load_split(cfg, split)
-    errors = [p for p in problems if p.level == "ERROR"]
-    if errors:
-        for p in errors[:20]:
-            print(p, file=sys.stderr)
-        raise DataError(f"split '{split}' has {len(errors)} invalid clip(s); run `python data.py validate`")
+    # Every clip parsed and every frame row checked before hours of streaming, under data.on_invalid_clip.
+    # Token budgets do not apply: the stream renders whole videos and manages its own context.
+    store = FrameStore.from_config(cfg)
+    clips, report = usable_clips(cfg, split, None, store)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    skipped_videos = sorted({p.video_uid for problems in report.skipped.values() for p in problems})
+    if skipped_videos:  # a video is evaluated whole or not at all
+        clips = [c for c in clips if c.video_uid not in set(skipped_videos)]
+        print(f"skipping {len(skipped_videos)} video(s) with a skipped clip: {', '.join(map(str, skipped_videos[:10]))}"
+              + (" ..." if len(skipped_videos) > 10 else ""), file=sys.stderr)
     videos = assemble_videos(clips)
     for dataset in sorted({v.dataset for v in videos}):
         window, known = metrics.window_for_dataset(dataset)
@@ -562,10 +567,6 @@ def evaluate(args) -> int:
         videos = videos[:args.max_videos]
     if not videos:
         raise DataError(f"split '{split}' has no videos to evaluate")
-    store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
-    for video in videos:  # every clip's frames file, opened before hours of streaming rather than during
-        for clip in video.clips:
-            store.check(clip)
 
     embedder_choice = args.embedder or cfg.eval.embedder or "minilm"
     embed = metrics.load_embedder(embedder_choice)

@@ -1,39 +1,57 @@
 """Frame storage: the `.arrow` files that hold a video's frame features (or raw frames), memory-mapped,
 with only the rows of the clip being read touched.
 
-    store = FrameStore(num_tokens_per_frame=1, feature_dim=1152)
+    store = FrameStore.from_config(cfg)   # or FrameStore(num_tokens_per_frame=1, feature_dim=1152)
+    store.check(clip)         # start-up: every row of the clip read once (nulls, non-finite values), no copies
     store.features(clip)      # (num_frames * I, F) float32, frame-major; cls first, then patches row-major
     store.raw_frames(clip)    # the clip's frames as JPEG bytes (raw-frame layout)
 
 Three layouts are recognised from the columns and the row count (docs/data_format.md): the ProAssist
 per-video layout (row k = absolute frame k; columns `cls`, `2x2`, `3x3`), a per-clip `cls` layout
-(row i = frame start + i) and the raw-frame layout (column `frame`, base64 JPEG). Columns may be flat or
+(row i = frame start + i) and the raw-frame layout (column `frame`, base64 JPEG). Where a file fits both
+the per-video and the per-clip reading, `data.frames_layout` says which it is. Columns may be flat or
 nested lists of any list flavour, including extension types that plain pyarrow does not know.
 """
 from __future__ import annotations
 
 import base64
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 if TYPE_CHECKING:
+    from config import Config
     from data import Clip
 
 # Feature columns of the ProAssist layout, in the order their tokens are fed (cls first, patches row-major).
 FEATURE_COLUMNS = {1: ("cls",), 5: ("cls", "2x2"), 10: ("cls", "3x3")}
 CELLS_PER_COLUMN = {"cls": 1, "2x2": 4, "3x3": 9}
+PATCH_COLUMNS = {"2x2", "3x3"}  # only the per-video layout has them
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file, clip and turn."""
 
 
-def _open_arrow(path: Path) -> pa.Table:
+class FeatureDimError(DataError):
+    """A feature column whose size is not data.feature_dim; `found` is the file's, for the hint in the fix."""
+
+    def __init__(self, message: str, found: int):
+        super().__init__(message)
+        self.found = found
+
+
+def _where(clip: Clip) -> str:
+    part = f" part {clip.part}" if getattr(clip, "part", None) is not None else ""
+    return f"{clip.frames_path} (clip {clip.index} {clip.video_uid}{part})"
+
+
+def _open_arrow(path: Path, where: str) -> pa.Table:
     source = pa.memory_map(str(path), "r")
     try:
         return pa.ipc.open_file(source).read_all()
@@ -42,122 +60,226 @@ def _open_arrow(path: Path) -> pa.Table:
         try:
             return pa.ipc.open_stream(source).read_all()
         except pa.ArrowInvalid as err:
-            raise DataError(f"{path}: not an Arrow IPC file or stream ({err})") from None
+            raise DataError(f"{where}: not an Arrow IPC file or stream ({err})") from None
 
 
-def _column_values(column: pa.ChunkedArray, rows: int, cells: int, path: Path, name: str) -> np.ndarray:
-    """(rows, cells * F) float32 from a flat or nested list column, whatever list flavour it uses."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+@contextmanager
+def _read_errors_named(clip: Clip) -> Iterator[None]:
+    """An OS or pyarrow error while reading a clip's frames (a file changed or gone since the start-up check)
+    becomes a DataError naming the file and clip, so a loader worker's traceback says which clip failed."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(
+            f"{_where(clip)}: reading frames [{clip.start}, {clip.end}) failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _refuse_nulls(array: pa.Array, values_per_row: int, where: str, name: str, first_frame: int) -> None:
+    """A missing (null) row or value is named by its frame, not silently read as zeros or NaN."""
+    if array.null_count:
+        nulls = np.flatnonzero(pc.is_null(array).to_numpy(zero_copy_only=False))
+        rows = np.unique(nulls // values_per_row)
+        raise DataError(
+            f"{where}: column '{name}' has missing (null) feature values at frame {first_frame + int(rows[0])} "
+            f"({len(rows)} frames affected)"
+        )
+
+
+def _leaf_values(array: pa.Array, rows: int, where: str, name: str, first_frame: int) -> tuple[pa.Array, int]:
+    """(primitive values, values per row) under a flat or nested list column, whatever list flavour it uses.
+
+    The values are zero-copy slices of the (memory-mapped) file: walking the list levels only reads offsets.
+    `first_frame` is the frame of the array's first row, for the messages.
+    """
     if isinstance(array.type, pa.ExtensionType):
         array = array.storage
-    widths = []
+    per_row = 1  # values per row at the current depth
     while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
-        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-        if len(lengths) and (lengths.min() != lengths.max()):
-            raise DataError(f"{path}: column '{name}' has rows of different lengths ({lengths.min()} to {lengths.max()})")
-        widths.append(int(lengths[0]) if len(lengths) else 0)
+        _refuse_nulls(array, per_row, where, name, first_frame)
+        if pa.types.is_fixed_size_list(array.type):
+            width = array.type.list_size
+        else:
+            lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+            if len(lengths) and (lengths.min() != lengths.max()):
+                raise DataError(f"{where}: column '{name}' has rows of different lengths ({lengths.min()} to {lengths.max()})")
+            width = int(lengths[0]) if len(lengths) else 0
+        per_row *= width
         array = array.flatten()
         if isinstance(array.type, pa.ExtensionType):
             array = array.storage
-    values = array.to_numpy(zero_copy_only=False)
-    per_row = int(np.prod(widths)) if widths else 1
-    if values.size != rows * per_row:
-        raise DataError(f"{path}: column '{name}' holds {values.size} values for {rows} rows of {per_row}")
-    if per_row % cells != 0:
-        raise DataError(f"{path}: column '{name}' has {per_row} values per row, not a multiple of {cells} cells")
-    return values.reshape(rows, per_row).astype(np.float32, copy=False)
+    _refuse_nulls(array, per_row, where, name, first_frame)
+    if len(array) != rows * per_row:
+        raise DataError(f"{where}: column '{name}' holds {len(array)} values for {rows} rows of {per_row}")
+    return array, per_row
+
+
+def _non_finite_rows(values: pa.Array, per_row: int) -> np.ndarray:
+    """Rows (of per_row values) holding a NaN or inf. The all-finite case, the common one, is one pyarrow
+    reduction over the file's own buffer: no float32 copy, a bit per value."""
+    if not pa.types.is_floating(values.type):
+        return np.zeros(0, dtype=np.int64)
+    finite = pc.is_finite(values)
+    if pc.all(finite).as_py():
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.flatnonzero(~finite.to_numpy(zero_copy_only=False)) // per_row)
 
 
 class FrameStore:
     """Reads a clip's frame features (or raw frames) on demand; keeps a few files memory-mapped.
 
-    Layouts (SPEC §4.1), detected from the columns and the row count:
+    Layouts, detected from the columns and the row count:
     * ProAssist: one file per video, row k = absolute frame k; `cls` (+ `2x2` / `3x3`).
     * per-clip: one file per clip, only `cls`, exactly end - start rows, row i = frame start + i.
     * raw frames: column `frame` with base64 JPEG.
     """
 
-    def __init__(self, num_tokens_per_frame: int, feature_dim: int, max_open: int = 16):
+    def __init__(self, num_tokens_per_frame: int, feature_dim: int, frames_layout: str = "auto", max_open: int = 16):
         self.num_tokens_per_frame = num_tokens_per_frame
         self.feature_dim = feature_dim
+        self.frames_layout = frames_layout  # auto | per_video | per_clip (data.frames_layout)
         self.max_open = max_open
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()
 
-    def table(self, path: Path) -> pa.Table:
+    @classmethod
+    def from_config(cls, cfg: Config) -> FrameStore:
+        return cls(cfg.data.num_tokens_per_frame, cfg.data.feature_dim, cfg.data.frames_layout)
+
+    def __getstate__(self) -> dict:
+        # A DataLoader worker started by pickling (spawn) maps the files again rather than receiving copies
+        # of up to max_open whole tables.
+        return {**self.__dict__, "_tables": OrderedDict()}
+
+    def table(self, path: Path, where: Optional[str] = None) -> pa.Table:
         key = str(path)
         if key in self._tables:
             self._tables.move_to_end(key)
             return self._tables[key]
         if not path.is_file():
-            raise DataError(f"{path}: frames file not found")
-        table = _open_arrow(path)
+            raise DataError(f"{where or path}: frames file not found")
+        table = _open_arrow(path, where or str(path))
         self._tables[key] = table
         if len(self._tables) > self.max_open:
             self._tables.popitem(last=False)
         return table
 
     def layout(self, clip: Clip) -> tuple[str, int]:
-        """(layout name, row of frame `clip.start`), or a DataError naming file, clip and frame."""
-        table = self.table(clip.frames_path)
+        """(layout name, row of frame `clip.start`), or a DataError naming file, clip and frame.
+
+        With data.frames_layout=auto a file is read per video (row k = frame k) when it is long enough and
+        the clip starts at frame 0 (both readings agree), or it holds patch columns, or it is named after the
+        clip's video_uid (ProAssist: `<video_uid>.arrow`); per clip (row i = frame start + i) when it has
+        exactly the clip's frame count. A cls-only file that fits both readings otherwise is refused: reading
+        a clip's file with extra rows as a video's would silently shift every frame.
+        """
+        where = _where(clip)
+        table = self.table(clip.frames_path, where)
         names = set(table.column_names)
         rows = table.num_rows
-        where = f"{clip.frames_path} (clip {clip.index} {clip.video_uid})"
         if "frame" in names and "cls" not in names:
             layout = "raw"
         elif "cls" in names:
             layout = "proassist"
         else:
             raise DataError(f"{where}: unknown layout, columns {sorted(names)} (need 'cls' features or 'frame')")
-        if rows >= clip.end:
+        per_clip = "raw" if layout == "raw" else "per_clip"
+        fits_video = rows >= clip.end
+        if self.frames_layout == "per_video":
+            if not fits_video:
+                raise DataError(f"{where}: needs frame {clip.end - 1} but the file has {rows} rows "
+                                f"(data.frames_layout=per_video: row k = frame k)")
             return layout, clip.start
-        if layout == "proassist" and names == {"cls"} and rows == clip.num_frames:
+        if self.frames_layout == "per_clip":
+            if rows < clip.num_frames:
+                raise DataError(f"{where}: needs {clip.num_frames} rows for frames [{clip.start}, {clip.end}) but "
+                                f"the file has {rows} (data.frames_layout=per_clip: row i = frame {clip.start} + i)")
+            return per_clip, 0
+        if fits_video and (clip.start == 0 or layout == "raw" or names & PATCH_COLUMNS
+                           or clip.frames_path.stem == clip.video_uid):
+            return layout, clip.start
+        if layout == "proassist" and not names & PATCH_COLUMNS and rows == clip.num_frames:
             return "per_clip", 0
+        if fits_video:
+            raise DataError(
+                f"{where}: both readings fit this file of {rows} rows with only a 'cls' column: per video "
+                f"(row k = frame k, rows {clip.start}..{clip.end - 1}) or per clip with {rows - clip.num_frames} "
+                f"extra rows (row i = frame {clip.start} + i, rows 0..{clip.num_frames - 1}), and its name is not "
+                f"the video_uid. Set data.frames_layout=per_video (one file per video, as ProAssist) or "
+                f"data.frames_layout=per_clip (one file per clip)."
+            )
+        extra = rows - clip.num_frames
+        hint = (f"; if it is this clip's own file with {extra} extra rows at the end, set data.frames_layout=per_clip"
+                if layout == "proassist" and extra > 0 else "")
         raise DataError(
             f"{where}: needs frame {clip.end - 1} but the file has {rows} rows "
-            f"(a per-video file needs >= {clip.end}, a per-clip file exactly {clip.num_frames})"
+            f"(a per-video file needs >= {clip.end}, a per-clip file exactly {clip.num_frames}){hint}"
         )
 
-    def _read(self, clip: Clip, num_frames: int) -> np.ndarray:
-        """(num_frames, I, F) float32 from the clip's first frame on; layout, columns and dim checked."""
+    def _feature_chunks(self, clip: Clip, num_frames: int) -> Iterator[tuple[str, int, pa.Array, int, int]]:
+        """The clip's first `num_frames` rows of each feature column I needs (cls first, then patches), one
+        record batch at a time: (column, cells, leaf values, rows, first row within the clip). The values are
+        zero-copy slices of the memory-mapped file; layout, columns, nulls and feature dim are checked."""
         layout, first_row = self.layout(clip)
-        where = f"{clip.frames_path} (clip {clip.index} {clip.video_uid})"
+        where = _where(clip)
         if layout == "raw":
             raise DataError(
                 f"{where}: holds raw frames ('frame' column); this model reads precomputed features "
                 f"(columns cls/2x2/3x3). Point data.features_path at the feature files."
             )
-        table = self.table(clip.frames_path)
+        table = self.table(clip.frames_path, where)
         columns = FEATURE_COLUMNS[self.num_tokens_per_frame]
         missing = [c for c in columns if c not in table.column_names]
         if missing:
             raise DataError(
                 f"{where}: I={self.num_tokens_per_frame} needs columns {list(columns)}, missing {missing}"
             )
-        parts = []
         for name in columns:
             cells = CELLS_PER_COLUMN[name]
-            column = table.column(name).slice(first_row, num_frames)
-            values = _column_values(column, num_frames, cells, clip.frames_path, name)
-            dim = values.shape[1] // cells
-            if dim != self.feature_dim:
-                raise DataError(f"{where}: column '{name}' has feature dim {dim}, data.feature_dim is {self.feature_dim}")
-            parts.append(values.reshape(num_frames, cells, dim))
-        return np.concatenate(parts, axis=1)
+            offset = 0
+            for chunk in table.column(name).slice(first_row, num_frames).chunks:
+                if not len(chunk):
+                    continue
+                values, per_row = _leaf_values(chunk, len(chunk), where, name, clip.start + offset)
+                if per_row % cells != 0:
+                    raise DataError(f"{where}: column '{name}' has {per_row} values per row, not a multiple of {cells} cells")
+                if per_row // cells != self.feature_dim:
+                    raise FeatureDimError(
+                        f"{where}: column '{name}' has feature dim {per_row // cells}, data.feature_dim is {self.feature_dim}",
+                        per_row // cells,
+                    )
+                yield name, cells, values, len(chunk), offset
+                offset += len(chunk)
 
     def check(self, clip: Clip) -> None:
-        """Cheap start-up check (file, layout, rows, columns, dim from one row) so that training never dies
-        mid-run on a clip it could have refused before starting. `features` also checks the values."""
-        self._read(clip, 1)
+        """Start-up check of every row of the clip: file, layout, rows, columns, dim, missing (null) and
+        non-finite values, so that training never dies mid-run on a clip it could have refused before
+        starting. Reads the file's own buffers once (pyarrow reductions, a bit per value), never a float32
+        copy; the first bad frame is named."""
+        with _read_errors_named(clip):
+            bad_frames: set[int] = set()
+            for _, _, values, rows, offset in self._feature_chunks(clip, clip.num_frames):
+                bad_frames.update(clip.start + offset + int(r) for r in _non_finite_rows(values, len(values) // rows))
+            if bad_frames:
+                raise DataError(
+                    f"{_where(clip)}: non-finite feature values at frame {min(bad_frames)} "
+                    f"({len(bad_frames)} frames affected)"
+                )
 
     def features(self, clip: Clip) -> np.ndarray:
         """(num_frames * I, F) float32, frame-major, cls first then patches row-major."""
-        features = self._read(clip, clip.num_frames)  # (n, I, F)
+        with _read_errors_named(clip):
+            parts: dict[str, list[np.ndarray]] = {}
+            for name, cells, values, rows, _ in self._feature_chunks(clip, clip.num_frames):
+                array = values.to_numpy(zero_copy_only=False).reshape(rows, cells, self.feature_dim)
+                parts.setdefault(name, []).append(array.astype(np.float32, copy=False))
+            features = np.concatenate([np.concatenate(chunks) for chunks in parts.values()], axis=1)  # (n, I, F)
         bad = ~np.isfinite(features).all(axis=(1, 2))
         if bad.any():
             frame = clip.start + int(np.argmax(bad))
             raise DataError(
-                f"{clip.frames_path} (clip {clip.index} {clip.video_uid}): non-finite feature values at frame "
-                f"{frame} ({int(bad.sum())} frames affected)"
+                f"{_where(clip)}: non-finite feature values at frame {frame} ({int(bad.sum())} frames affected)"
             )
         return features.reshape(clip.num_frames * self.num_tokens_per_frame, self.feature_dim)
 
@@ -165,6 +287,6 @@ class FrameStore:
         """Decoded JPEG bytes of the clip's frames (raw-frame layout)."""
         layout, first_row = self.layout(clip)
         if layout != "raw":
-            raise DataError(f"{clip.frames_path} (clip {clip.index} {clip.video_uid}): no 'frame' column")
+            raise DataError(f"{_where(clip)}: no 'frame' column")
         column = self.table(clip.frames_path).column("frame").slice(first_row, clip.num_frames)
         return [base64.b64decode(x) for x in column.to_pylist()]

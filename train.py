@@ -500,8 +500,8 @@ def train(cfg: Config) -> dict:
         raise RuntimeError("train.activation_checkpointing=true but the model reports it inactive")
 
     # -- data
-    train_set = ClipDataset(cfg, "train", tokenizer)
-    val_set = ClipDataset(cfg, "val", tokenizer) if cfg.train.eval_every else None
+    train_set = ClipDataset(cfg, "train", tokenizer, announce=master)
+    val_set = ClipDataset(cfg, "val", tokenizer, announce=master) if cfg.train.eval_every else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     auto_batch_note = ""
     if cfg.train.auto_batch:
@@ -573,9 +573,10 @@ def train(cfg: Config) -> dict:
         print(describe(raw_model))
         print(f"batch: {cfg.train.micro_batch} clip(s) per micro-batch x {accum} accumulation step(s) x {world_size} "
               f"rank(s) = {global_clips} clips per optimizer step (tokens and frames per step are logged)")
-        print(f"data: {len(train_set)} train clips ({len(train_set.dropped)} dropped as over-length), "
-              f"{sampler.steps_per_epoch} steps per epoch; "
-              f"{len(val_set) if val_set else 0} val clips")
+        report = train_set.report
+        print(f"data: {len(train_set)} train clips ({len(report.skipped)} skipped as invalid, {len(report.dropped)} "
+              f"dropped as over-length, {len(report.split_clips)} split into sub-clips), {sampler.steps_per_epoch} "
+              f"steps per epoch; {len(val_set) if val_set else 0} val clips")
         for note in notes:
             print(note)
         if resume_from is not None:

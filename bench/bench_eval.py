@@ -103,7 +103,7 @@ def main() -> None:
         model.float()  # the runner stores the weights in the compute dtype itself when it is fp16/bf16
     clips, _ = load_split(cfg, args.split)
     video = max(evaluate.assemble_videos(clips), key=lambda v: v.num_frames)
-    store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
+    store = FrameStore.from_config(cfg)
     feats = evaluate.video_features(video, store, cfg.data.num_tokens_per_frame)
     frames = min(args.frames, video.num_frames)
     video = dataclasses.replace(video, end=video.start + frames)

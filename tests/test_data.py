@@ -47,7 +47,7 @@ def sample_setup(tmp_path, sample_clip, tokenizer_dir):
 
 
 def test_event_frame_rule_examples():
-    # SPEC §4.2: the S1 start at 97.2 s is attached to frame 193 (frames up to 193 seen: 193/2 = 96.5 s).
+    # The S1 start at 97.2 s is attached to frame 193 (frames up to 193 seen: 193/2 = 96.5 s).
     assert data.event_frame(97.2, 2, 193, 451) == 193
     assert data.event_frame(225.2, 2, 193, 451) == 449
     # A turn exactly on a frame boundary: t = 100.0 -> floor(200) - 1 = 199 (float noise absorbed by 1e-6).
@@ -222,7 +222,8 @@ def test_proassist_layout_rows_are_absolute_frames(tmp_path, sample_clip, I, col
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=8", f"data.num_tokens_per_frame={I}"])
     parsed, problems = data.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
     assert parsed is not None, problems
-    store = data.FrameStore(I, 8)
+    # "f.arrow" is named after no video and, at I = 1, holds only cls: declared per-video, else it is ambiguous.
+    store = data.FrameStore(I, 8, frames_layout="per_video")
     feats = store.features(parsed)
     assert feats.shape == (10 * I, 8)
     # Frame 45's tokens: cls first, then the patch cells row-major.
@@ -359,7 +360,7 @@ def test_sampler_steps_do_not_depend_on_the_split(grouping):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation of bad input (SPEC §13)
+# Validation of bad input
 
 
 def test_validate_reports_every_class_in_one_pass(tmp_path, sample_clip, tokenizer_dir, capsys):
@@ -450,16 +451,28 @@ def test_invalid_json_and_config_typos(tmp_path, capsys):
     assert "unknown key 'data.nfs_rhoo'" in capsys.readouterr().err
 
 
-def test_overlength_policy(tmp_path, sample_clip, tokenizer_dir):
-    cfg = make_split(tmp_path, [sample_clip], tokenizer_dir, extra=["data.max_seq_len=500"])
+def test_overlength_policy(tmp_path, sample_clip, tokenizer_dir, capsys):
+    """error refuses the run; drop trains on the clips that fit; split cuts the long clip into sub-clips."""
+    short = copy.deepcopy(sample_clip)  # the sample's first 20 frames: fits in 500 tokens
+    short.update(end_frame_idx=213, clip_idx=1)
+    short["conversation"] = [t for t in short["conversation"] if "time" not in t or t["time"] < 106]
+    cfg = make_split(tmp_path, [sample_clip, short], tokenizer_dir, extra=["data.max_seq_len=500"])
     tokenizer = data.load_tokenizer(tokenizer_dir)
     with pytest.raises(data.DataError, match=r"1 clip\(s\) exceed data.max_seq_len=500.*clip 0"):
         data.ClipDataset(cfg, "train", tokenizer)
     cfg.data.on_overlength = "drop"
-    with pytest.raises(data.DataError, match="has no clips|cannot fill"):
-        ds = data.ClipDataset(cfg, "train", tokenizer)
-        assert len(ds.dropped) == 1
-        data.ClipBatchSampler(ds.lengths, 1)
+    ds = data.ClipDataset(cfg, "train", tokenizer)
+    assert [c.index for c in ds.dropped] == [0]
+    assert [(c.index, c.part) for c in ds.clips] == [(1, None)] and ds.lengths[0] <= 500
+    assert "1 over-length clip(s) dropped" in capsys.readouterr().out
+    cfg.data.on_overlength = "split"
+    ds = data.ClipDataset(cfg, "train", tokenizer)
+    pieces = [c for c in ds.clips if c.index == 0]
+    assert len(pieces) >= 2 and ds.dropped == []
+    assert [c.part for c in pieces] == list(range(len(pieces)))
+    assert all(n <= 500 for n in ds.lengths)
+    assert f"1 over-length clip(s) cut into {len(pieces)} sub-clips" in capsys.readouterr().out
+    data.ClipBatchSampler(ds.lengths, 1)
 
 
 def test_pad_distinct_from_eos(tokenizer_dir):
@@ -531,7 +544,7 @@ def test_make_demo_cli_deterministic_and_valid(tmp_path):
 def test_dataset_refuses_missing_frames_before_training(tmp_path, sample_clip, tokenizer_dir):
     cfg = make_split(tmp_path, [sample_clip], tokenizer_dir)
     (tmp_path / "feat" / f"{sample_clip['video_uid']}.arrow").unlink()
-    with pytest.raises(data.DataError, match=r"1 clip\(s\) with unusable frames:\n.*frames file not found"):
+    with pytest.raises(data.DataError, match=r"1 invalid clip\(s\).*\n.*frames file not found"):
         data.ClipDataset(cfg, "train", data.load_tokenizer(tokenizer_dir))
 
 
@@ -566,7 +579,8 @@ def test_fixed_size_and_extension_typed_columns(tmp_path, sample_clip, registere
     try:
         cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
         parsed, _ = data.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
-        np.testing.assert_array_equal(data.FrameStore(1, 4).features(parsed), values[3:8, 0].astype(np.float32))
+        store = data.FrameStore(1, 4, frames_layout="per_video")
+        np.testing.assert_array_equal(store.features(parsed), values[3:8, 0].astype(np.float32))
     finally:
         if registered:
             pa.unregister_extension_type(ext.extension_name)

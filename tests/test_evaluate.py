@@ -152,7 +152,7 @@ def test_bad_inputs_fail_clearly(tiny_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     assert evaluate.main(["--ckpt", str(tiny_ckpt), "--embedder", "bow", f"data.test={empty}"]) == 1
-    assert "has no videos" in capsys.readouterr().err
+    assert "has no usable clips" in capsys.readouterr().err
 
 
 def test_repetition_guard():
