@@ -37,7 +37,8 @@ LOSS_COMPONENTS = (
 
 
 def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [lo, hi], about `target` of them."""
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [lo, hi]: the step nearest to
+    (hi - lo) / (target - 1), so about `target` ticks."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
     if hi < lo:
@@ -46,7 +47,7 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
         hi = lo + (abs(lo) or 1.0)
     raw = (hi - lo) / max(target - 1, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * 0.999)
+    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10)), key=lambda step: abs(math.log(step / raw)))
     first = math.floor(lo / step + 1e-9) * step
     ticks, k = [], 0
     while True:
@@ -62,7 +63,7 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     if not 0 < lo <= hi:
         raise ValueError(f"log axis needs 0 < lo <= hi, got [{lo}, {hi}]")
     for mantissas in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
-        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        ticks = [round(m * 10.0 ** e, 12) for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
                  for m in mantissas]
         inside = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
         if len(inside) >= 3:
@@ -71,14 +72,9 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 
 
 def format_tick(value: float) -> str:
-    """Short tick label: 0.5, 12, 1.5k, 2e-04."""
-    if value == 0:
-        return "0"
-    magnitude = abs(value)
-    if magnitude >= 1e4:
-        return f"{value / 1000:g}k" if magnitude < 1e6 else f"{value:.0e}"
-    if magnitude < 1e-3:
-        return f"{value:.0e}"
+    """Short tick label: 0.5, 12, 0.00025, 1e-05, 12k."""
+    if abs(value) >= 1e4:
+        return f"{value / 1000:g}k" if abs(value) < 1e6 else f"{value:.2g}"
     return f"{value:.4g}"
 
 
@@ -97,13 +93,13 @@ class Series:
 
 def line_chart(title: str, series: list[Series], y_title: str, x_title: str = "step", log_y: bool = False,
                y_range: Optional[tuple[float, float]] = None, marks: tuple[float, ...] = (),
-               note: str = "", width: int = 600, height: int = 300) -> str:
+               note: str = "", chart_id: str = "chart", width: int = 600, height: int = 300) -> str:
     """One SVG chart: ticked and titled axes, light grid, a legend, and dashed vertical lines at `marks`."""
     pad_l, pad_r, pad_t, pad_b = 64, 16, 50, 44
     plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
     esc = html.escape
     svg = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" class="chart" '
-           f'font-family="sans-serif">',
+           f'id="chart-{esc(chart_id)}" font-family="sans-serif">',
            f'<text x="{pad_l}" y="16" font-size="14" font-weight="bold">{esc(title)}</text>']
     # Legend row under the title: a line sample per series, then the checkpoint mark.
     legend_x = pad_l
@@ -151,23 +147,25 @@ def line_chart(title: str, series: list[Series], y_title: str, x_title: str = "s
         y = sy(t)
         svg.append(f'<line x1="{pad_l}" x2="{pad_l + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>'
                    f'<line x1="{pad_l - 4}" x2="{pad_l}" y1="{y:.1f}" y2="{y:.1f}" stroke="#777"/>'
-                   f'<text x="{pad_l - 6}" y="{y + 3.5:.1f}" font-size="10" text-anchor="end">{format_tick(t)}</text>')
+                   f'<text x="{pad_l - 6}" y="{y + 3.5:.1f}" font-size="10" text-anchor="end" class="y-tick">'
+                   f'{format_tick(t)}</text>')
     for t in x_ticks:
         x = sx(t)
         svg.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t}" y2="{pad_t + plot_h}" stroke="#e4e4e4"/>'
                    f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t + plot_h}" y2="{pad_t + plot_h + 4}" stroke="#777"/>'
-                   f'<text x="{x:.1f}" y="{pad_t + plot_h + 15}" font-size="10" text-anchor="middle">'
-                   f'{format_tick(t)}</text>')
+                   f'<text x="{x:.1f}" y="{pad_t + plot_h + 15}" font-size="10" text-anchor="middle" '
+                   f'class="x-tick">{format_tick(t)}</text>')
     svg.append(f'<text x="{pad_l + plot_w / 2:.0f}" y="{height - 8}" font-size="11" text-anchor="middle" '
-               f'fill="#333">{esc(x_title)}</text>')
+               f'fill="#333" class="x-title">{esc(x_title)}</text>')
     svg.append(f'<text transform="translate(14 {pad_t + plot_h / 2:.0f}) rotate(-90)" font-size="11" '
-               f'text-anchor="middle" fill="#333">{esc(y_title + (" (log scale)" if log_y else ""))}</text>')
+               f'text-anchor="middle" fill="#333" class="y-title">{esc(y_title + (" (log scale)" if log_y else ""))}</text>')
     for step in marks:
         x = sx(step)
         svg.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t}" y2="{pad_t + plot_h}" stroke="{CHECKPOINT_COLOR}" '
                    f'stroke-dasharray="5 3" class="checkpoint"><title>checkpoint step_{step:g}</title></line>')
     for s in series:
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""
+        svg.append(f'<g class="series" data-series="{esc(s.name)}">')
         # A gap (a missing value) ends one polyline and starts the next.
         runs, run = [], []
         for x, y in s.points:
@@ -184,6 +182,7 @@ def line_chart(title: str, series: list[Series], y_title: str, x_title: str = "s
             if s.dots or len(run) == 1:
                 svg.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s.color}">'
                            f'<title>{esc(s.name)} at step {x:g}: {y:.4g}</title></circle>' for x, y in run)
+        svg.append("</g>")
     if note:
         svg.append(f'<text x="{pad_l + plot_w}" y="{pad_t - 4}" font-size="10" text-anchor="end" fill="#666">'
                    f'{esc(note)}</text>')
@@ -255,7 +254,7 @@ def write_training_curves(run_dir: str | Path) -> Path:
     loss_charts = [
         line_chart(title, [Series(f"train {key}", curve(train, key), TRAIN_COLOR),
                            Series(f"validation {key}", curve(val, key), VAL_COLOR, dots=True)],
-                   y_title=unit, log_y=True, marks=marks, note=bce_note if key.endswith("_bce") else "")
+                   y_title=unit, log_y=True, marks=marks, note=bce_note if key.endswith("_bce") else "", chart_id=key)
         for key, title, unit in LOSS_COMPONENTS
     ]
     head_series = []
@@ -263,15 +262,16 @@ def write_training_curves(run_dir: str | Path) -> Path:
         head_series.append(Series(f"{label} F1", curve(val, head, "f1"), color, dots=True))
         head_series.append(Series(f"{label} AUROC", curve(val, head, "auroc"), color, dots=True, dashed=True))
     head_chart = line_chart("decision heads on validation: F1 at p > 0.5 and AUROC", head_series,
-                            y_title="F1, AUROC", y_range=(0.0, 1.0), marks=marks)
+                            y_title="F1, AUROC", y_range=(0.0, 1.0), marks=marks, chart_id="heads")
     optimiser_charts = [
-        line_chart("learning rate", [Series("lr", curve(train, "lr"), TRAIN_COLOR)], y_title="lr", marks=marks),
+        line_chart("learning rate", [Series("lr", curve(train, "lr"), TRAIN_COLOR)], y_title="lr", marks=marks,
+                   chart_id="lr"),
         line_chart("gradient norm (before clipping)", [Series("grad_norm", curve(train, "grad_norm"), TRAIN_COLOR)],
-                   y_title="L2 norm", marks=marks),
+                   y_title="L2 norm", marks=marks, chart_id="grad_norm"),
         line_chart("throughput", [Series("tokens_per_s", curve(train, "tokens_per_s"), TRAIN_COLOR)],
-                   y_title="tokens / s", marks=marks),
+                   y_title="tokens / s", marks=marks, chart_id="tokens_per_s"),
         line_chart("peak accelerator memory", [Series("peak_mem_gb", curve(train, "peak_mem_gb"), TRAIN_COLOR)],
-                   y_title="GB", marks=marks),
+                   y_title="GB", marks=marks, chart_id="peak_mem_gb"),
     ]
     esc = html.escape
     last_step = max(train) if train else 0
@@ -283,7 +283,7 @@ def write_training_curves(run_dir: str | Path) -> Path:
 h2{{margin:18px 0 6px;font-size:18px}} p{{margin:4px 0}} .warn{{color:#b00;font-weight:bold}}</style></head>
 <body><h1>Training curves: {esc(str(run_dir))}</h1>
 <p>{len(train)} train log lines, {len(val)} validations, last step {last_step}; checkpoints at steps:
-{checkpoint_list or "none yet"} (dashed vertical lines).</p>
+{checkpoint_list + " (dashed vertical lines)" if checkpoint_list else "none logged"}.</p>
 {f'<p class="warn">{esc(divergence)}</p>' if divergence else ""}
 <h2>Losses: training losses (line) and validation losses (line with dots) on the same axes</h2>
 <div class="charts">{"".join(loss_charts)}</div>

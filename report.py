@@ -179,7 +179,8 @@ class _Timeline:
         return (f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(x1 - x0, 1.5):.1f}" height="{height:.1f}" '
                 f'{attrs}>{tip}</rect>')
 
-    def frame_path(self, frames: list[int], y: float, height: float, color: str, opacity: float = 1.0) -> str:
+    def frame_path(self, frames: list[int], y: float, height: float, color: str, opacity: float = 1.0,
+                   css_class: str = "") -> str:
         """Runs of the given frames as one path (one element however many frames)."""
         frames = sorted(set(frames))
         if not frames:
@@ -190,7 +191,7 @@ class _Timeline:
                 x0, x1 = self.x(run_start - 0.5), self.x(prev + 0.5)
                 segments.append(f"M{x0:.1f},{y:.1f}h{max(x1 - x0, 1.5):.1f}v{height:.1f}h{-max(x1 - x0, 1.5):.1f}z")
                 run_start = cur
-        return f'<path d="{"".join(segments)}" fill="{color}" fill-opacity="{opacity}"/>'
+        return f'<path class="{css_class}" d="{"".join(segments)}" fill="{color}" fill-opacity="{opacity}"/>'
 
     def label(self, title: str, subtitle: str, y: float) -> None:
         self.parts.append(f'<text x="4" y="{y + 12:.1f}" font-size="12" font-weight="bold">{esc(title)}</text>')
@@ -211,7 +212,8 @@ class _Timeline:
             x = self.x(t * self.fps - self.start)
             grid.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="4" y2="{axis_y}" stroke="#ececec"/>')
             axis.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{axis_y}" y2="{axis_y + 5}" stroke="#777"/>'
-                        f'<text x="{x:.1f}" y="{axis_y + 17}" font-size="11" text-anchor="middle">{format_tick(t)}</text>')
+                        f'<text x="{x:.1f}" y="{axis_y + 17}" font-size="11" text-anchor="middle" class="tick">'
+                        f'{format_tick(t)}</text>')
         axis.append(f'<text x="{self.left - 8}" y="{axis_y + 17}" font-size="11" text-anchor="end" fill="#333">'
                     f'time (s)</text>')
         height = axis_y + 26
@@ -227,7 +229,7 @@ def _probability_lane(tl: _Timeline, title: str, subtitle: str, probs: list[floa
     tl.label(title, subtitle, top)
     parts = [f'<g class="{css_class}">',
              f'<rect x="{tl.left}" y="{top}" width="{tl.right - tl.left}" height="{height}" fill="#fbfbfb" stroke="#ccc"/>',
-             tl.frame_path(reference_frames, top, height, color, opacity=0.16)]
+             tl.frame_path(reference_frames, top, height, color, opacity=0.16, css_class="reference")]
     for p in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = top + height * (1 - p)
         parts.append(f'<line x1="{tl.left}" x2="{tl.right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e6e6"/>')
@@ -242,7 +244,7 @@ def _probability_lane(tl: _Timeline, title: str, subtitle: str, probs: list[floa
     fired_y = top + height + 6
     parts.append(f'<text x="{tl.left - 4}" y="{fired_y + 7:.1f}" font-size="9" text-anchor="end" fill="#555">fired</text>'
                  f'<rect x="{tl.left}" y="{fired_y}" width="{tl.right - tl.left}" height="8" fill="#f3f3f3"/>'
-                 + tl.frame_path(fired, fired_y, 8, color).replace("<path ", '<path class="fired" ', 1))
+                 + tl.frame_path(fired, fired_y, 8, color, css_class="fired"))
     parts.append("</g>")
     tl.parts.extend(parts)
     tl.y = top + height + 6 + 8 + 10
@@ -352,6 +354,11 @@ def _state_grid(tl: _Timeline, video: Video, ref_states: list[dict], pred_states
              f'<text x="4" y="{top + 12}" font-size="12" font-weight="bold">dialogue state per step</text>'
              f'<text x="{tl.left}" y="{top + 12}" font-size="10" fill="#555">upper bar: reference, lower bar: '
              f'predicted; red outline: the predicted state differs from the reference</text>']
+    x = tl.left + 560
+    for state in STATES:  # the colours again, next to the grid: a long page scrolls the legend away
+        parts.append(f'<rect x="{x}" y="{top + 4}" width="14" height="9" fill="{STATE_COLORS[state]}"/>'
+                     f'<text x="{x + 18}" y="{top + 12}" font-size="10" fill="#555">{state}</text>')
+        x += 26 + 6 * len(state)
     top += 20
     for n, step in enumerate(video.steps):
         y = top + row * n
@@ -464,7 +471,7 @@ def _video_tables(video: Video, records: list[FrameRecord], vm) -> str:
                              _text(generated if rec.dst else "(head did not fire)"), invalid])
     return (
         f'<h4>Missed replies ({len(missed)})</h4>'
-        + _table("missed", ["time (s)", "frame", "p_speak there", "reference reply"], missed,
+        + _table("missed", ["time (s)", "frame", "p_speak at that frame", "reference reply"], missed,
                  "No missed replies.")
         + f'<h4>Redundant replies ({len(redundant)})</h4>'
         + _table("redundant", ["time (s)", "frame", "p_speak", "generated reply"], redundant,
