@@ -158,7 +158,8 @@ def line_chart(title: str, series: list[Series], y_title: str, x_title: str = "s
     svg.append(f'<text x="{pad_l + plot_w / 2:.0f}" y="{height - 8}" font-size="11" text-anchor="middle" '
                f'fill="#333" class="x-title">{esc(x_title)}</text>')
     svg.append(f'<text transform="translate(14 {pad_t + plot_h / 2:.0f}) rotate(-90)" font-size="11" '
-               f'text-anchor="middle" fill="#333" class="y-title">{esc(y_title + (" (log scale)" if log_y else ""))}</text>')
+               f'text-anchor="middle" fill="#333" class="y-title">'
+               f'{esc(y_title + (" (log scale)" if log_y else ""))}</text>')
     for step in marks:
         x = sx(step)
         svg.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t}" y2="{pad_t + plot_h}" stroke="{CHECKPOINT_COLOR}" '
@@ -276,7 +277,8 @@ def write_training_curves(run_dir: str | Path) -> Path:
     esc = html.escape
     last_step = max(train) if train else 0
     divergence = _divergence_note(train, val)
-    checkpoint_list = ", ".join(f'<span title="{esc(str(path))}">{step}</span>' for step, path in sorted(checkpoints.items()))
+    checkpoint_list = ", ".join(f'<span title="{esc(str(path))}">{step}</span>'
+                                for step, path in sorted(checkpoints.items()))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(run_dir.name)}: training curves</title>
 <style>body{{font-family:sans-serif;margin:16px auto;max-width:1300px;padding:0 16px;color:#222}}
 .charts{{display:flex;flex-wrap:wrap;gap:8px 16px}} svg.chart{{max-width:100%;height:auto}}

@@ -228,21 +228,27 @@ def _probability_lane(tl: _Timeline, title: str, subtitle: str, probs: list[floa
     top, height = tl.y, 64
     tl.label(title, subtitle, top)
     parts = [f'<g class="{css_class}">',
-             f'<rect x="{tl.left}" y="{top}" width="{tl.right - tl.left}" height="{height}" fill="#fbfbfb" stroke="#ccc"/>',
+             f'<rect x="{tl.left}" y="{top}" width="{tl.right - tl.left}" height="{height}" fill="#fbfbfb" '
+             f'stroke="#ccc"/>',
              tl.frame_path(reference_frames, top, height, color, opacity=0.16, css_class="reference")]
     for p in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = top + height * (1 - p)
         parts.append(f'<line x1="{tl.left}" x2="{tl.right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e6e6"/>')
         if p in (0.0, 0.5, 1.0):
             parts.append(f'<text x="{tl.left - 4}" y="{y + 3.5:.1f}" font-size="10" text-anchor="end">{p:g}</text>')
-    y_thr = top + height * (1 - threshold)
-    parts.append(f'<line x1="{tl.left}" x2="{tl.right}" y1="{y_thr:.1f}" y2="{y_thr:.1f}" stroke="#333" '
-                 f'stroke-dasharray="5 3"/><text x="{tl.right + 4}" y="{y_thr + 3.5:.1f}" font-size="10">'
-                 f'threshold {threshold:g}</text>')
+    if 0 <= threshold <= 1:
+        y_thr = top + height * (1 - threshold)
+        parts.append(f'<line x1="{tl.left}" x2="{tl.right}" y1="{y_thr:.1f}" y2="{y_thr:.1f}" stroke="#333" '
+                     f'stroke-dasharray="5 3"/><text x="{tl.right + 4}" y="{y_thr + 3.5:.1f}" font-size="10">'
+                     f'threshold {threshold:g}</text>')
+    else:  # a sweep may try thresholds that never (or always) fire; say so rather than draw off the lane
+        parts.append(f'<text x="{tl.right + 4}" y="{top + 10}" font-size="10">threshold {threshold:g}</text>'
+                     f'<text x="{tl.right + 4}" y="{top + 22}" font-size="10">(outside 0..1)</text>')
     points = " ".join(f"{tl.x(k):.1f},{top + height * (1 - p):.1f}" for k, p in enumerate(probs))
     parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.4"/>')
     fired_y = top + height + 6
-    parts.append(f'<text x="{tl.left - 4}" y="{fired_y + 7:.1f}" font-size="9" text-anchor="end" fill="#555">fired</text>'
+    parts.append(f'<text x="{tl.left - 4}" y="{fired_y + 7:.1f}" font-size="9" text-anchor="end" '
+                 f'fill="#555">fired</text>'
                  f'<rect x="{tl.left}" y="{fired_y}" width="{tl.right - tl.left}" height="8" fill="#f3f3f3"/>'
                  + tl.frame_path(fired, fired_y, 8, color, css_class="fired"))
     parts.append("</g>")
@@ -378,10 +384,10 @@ def _state_grid(tl: _Timeline, video: Video, ref_states: list[dict], pred_states
                                  f"{_seconds(tl.start + end - 1, video.fps)} s"))
         for first, end, differs in _runs([r != p for r, p in zip(ref, pred)]):
             if differs:
+                when = f"{_seconds(tl.start + first, video.fps)}–{_seconds(tl.start + end - 1, video.fps)} s"
                 parts.append(tl.span(first, end, y - 1.5, 2 * bar + 5,
                                      f'fill="none" stroke="{ERROR_COLOR}" stroke-width="1.6" class="state-differs"',
-                                     f"{step.id}: predicted state differs from the reference "
-                                     f"{_seconds(tl.start + first, video.fps)}–{_seconds(tl.start + end - 1, video.fps)} s"))
+                                     f"{step.id}: predicted state differs from the reference {when}"))
     parts.append("</g>")
     tl.parts.extend(parts)
     tl.y = top + row * len(video.steps) + 2
@@ -416,7 +422,8 @@ def _legend() -> str:
         elif kind == "state":
             parts.append(f'<rect x="{x}" y="{y - 4}" width="16" height="8" fill="{color}"/>')
         elif kind == "differs":
-            parts.append(f'<rect x="{x}" y="{y - 5}" width="16" height="10" fill="none" stroke="{color}" stroke-width="1.6"/>')
+            parts.append(f'<rect x="{x}" y="{y - 5}" width="16" height="10" fill="none" stroke="{color}" '
+                         f'stroke-width="1.6"/>')
         elif kind == "hollow":
             parts.append(_marker("circle", cx, y, color, hollow=True))
         else:
@@ -477,8 +484,8 @@ def _video_tables(video: Video, records: list[FrameRecord], vm) -> str:
         + _table("redundant", ["time (s)", "frame", "p_speak", "generated reply"], redundant,
                  "No redundant replies.")
         + f'<details><summary>Matched replies ({len(matched)}, {num_good} good)</summary>'
-        + _table("matched", ["generated (s)", "reference (s)", "Δt (s)", "score", "generated reply", "reference reply"],
-                 matched, "No matched replies.") + "</details>"
+        + _table("matched", ["generated (s)", "reference (s)", "Δt (s)", "score", "generated reply",
+                             "reference reply"], matched, "No matched replies.") + "</details>"
         + f'<details><summary>DST updates ({len(dst_rows)} frames with a reference update or a fired DST-update '
           f'head)</summary>'
         + _table("dst-updates", ["time (s)", "frame", "p_dst", "reference", "generated", "invalid"], dst_rows,
@@ -523,7 +530,8 @@ def _definitions(videos: list[Video]) -> str:
     rows = []
     here = {name: metrics.window_for_dataset(name) for name in fps_by_dataset}
     for dataset, ((left, right), known) in sorted(here.items()):
-        seconds = ", ".join(f"{left / f:+g} s to {right / f:+g} s at {f:g} fps" for f in sorted(fps_by_dataset[dataset]))
+        seconds = ", ".join(f"{left / f:+g} s to {right / f:+g} s at {f:g} fps"
+                            for f in sorted(fps_by_dataset[dataset]))
         rows.append(f"<tr><td>{esc(dataset)}{'' if known else ' (unknown: default window)'}</td>"
                     f'<td class="num">({left}, {right})</td><td>{seconds} (in this evaluation)</td></tr>')
     for dataset, (left, right) in list(metrics.DATASET_WINDOWS.items()) + [("default", metrics.DEFAULT_WINDOW)]:
@@ -553,7 +561,8 @@ def _sweep(sweep_rows: list[dict], thresholds: Thresholds) -> str:
         cells = "".join(f'<td class="num">{_fmt(v)}</td>' for v in row.values())
         body.append(f'<tr class="{"best" if best else ""}">{cells}</tr>')
     return (f"<h2>Threshold sweep</h2><p>One stream per threshold pair; the highlighted row (best speaking F1, then "
-            f"DST F1) is the one shown in this report.</p><table class=\"sweep\"><tr>{head}</tr>{''.join(body)}</table>")
+            f"DST F1) is the one shown in this report.</p>"
+            f'<table class="sweep"><tr>{head}</tr>{"".join(body)}</table>')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -580,7 +589,8 @@ p.none{color:#666;margin:2px 0}
 details{margin:6px 0} summary{cursor:pointer;font-weight:bold;font-size:13px}
 svg.timeline,svg.legend{max-width:100%;height:auto;display:block}
 .defs-grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:4px 20px;margin-top:10px}
-table.defs th{background:none;white-space:nowrap;width:1%} table.defs tr:target td,table.defs tr:target th{background:#fff3b0}
+table.defs th{background:none;white-space:nowrap;width:1%}
+table.defs tr:target td,table.defs tr:target th{background:#fff3b0}
 """
 
 
@@ -625,13 +635,18 @@ def write_report(path: Path, result: dict, videos: list[Video], all_records: lis
             f'<b>{num_invalid}</b> invalid · predicted state differs on <b>{differing}</b> of {video.num_frames} '
             f'frames</p>'
             + tl.svg(f"timeline of {video.video_uid}") + _video_tables(video, records, vm) + "</section>")
+        def problem(count: int, text: str) -> str:  # a non-zero error count in red
+            return f'<td class="num{" bad" if count else ""}">{text}</td>'
+
         overview.append(
             f'<tr><td><a href="#video-{index}">{esc(video.video_uid)}</a></td><td>{esc(video.dataset)}</td>'
             f'<td class="num">{duration}</td><td class="num">{len(vm.matches) + len(vm.missed_frames)}</td>'
-            f'<td class="num">{len(vm.matches)} ({num_good})</td><td class="num">{len(vm.missed_frames)}</td>'
-            f'<td class="num">{len(vm.redundant_frames)}</td><td class="num">{num_ref_updates}</td>'
-            f'<td class="num">{num_pred_updates}</td><td class="num">{num_invalid}</td>'
-            f'<td class="num">{differing} / {video.num_frames}</td></tr>')
+            f'<td class="num">{len(vm.matches)} ({num_good})</td>'
+            + problem(len(vm.missed_frames), str(len(vm.missed_frames)))
+            + problem(len(vm.redundant_frames), str(len(vm.redundant_frames)))
+            + f'<td class="num">{num_ref_updates}</td><td class="num">{num_pred_updates}</td>'
+            + problem(num_invalid, str(num_invalid)) + problem(differing, f"{differing} / {video.num_frames}")
+            + "</tr>")
     overview_table = (
         '<table class="overview"><tr><th>video</th><th>dataset</th><th>duration</th><th>reference replies</th>'
         '<th>matched (good)</th><th>missed</th><th>redundant</th><th>reference transitions</th>'

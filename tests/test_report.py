@@ -252,8 +252,8 @@ def test_report_tables_show_missed_redundant_and_matched_replies_in_seconds(demo
     rows = table_rows(matched)
     assert len(rows) == len(matches[0].matches)
     first = min(matches[0].matches, key=lambda m: m.ref_frame)
-    assert rows[0][:4] == [f"{(video.start + first.gen_frame) / fps:.1f}", f"{(video.start + first.ref_frame) / fps:.1f}",
-                           "+0.0", f"{first.score:.2f}"]
+    assert rows[0][:4] == [f"{(video.start + first.gen_frame) / fps:.1f}",
+                           f"{(video.start + first.ref_frame) / fps:.1f}", "+0.0", f"{first.score:.2f}"]
     # In the timeline: a hollow red circle for the missed reference and a red triangle for the redundant reply.
     (replies,) = section.find_all("g", "replies")
     tips = [t.text() for t in replies.find_all("title")]
