@@ -285,7 +285,9 @@ def test_report_of_long_videos_merges_runs_and_stays_small(tmp_path):
     size = path.stat().st_size
     assert size < 3_000_000, f"{size / 1e6:.1f} MB"
     dom = parse(path.read_text())
-    for video, records, section in zip(videos, all_records, dom.find_all("section", "video")):
+    sections = dom.find_all("section", "video")
+    assert len(sections) == len(videos)
+    for video, records, section in zip(videos, all_records, sections):
         (grid,) = section.find_all("g", "state-grid")
         # Each step goes not_started -> in_progress -> completed once: three runs per bar, not 2,000 cells.
         assert len(grid.find_all("rect", "ref-state")) == 3 * len(video.steps)
