@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
+import nlg
 from report import write_report
 from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config, require_checkpoint
@@ -421,13 +422,13 @@ def compute_metrics(videos: list[Video], all_records: list[list[FrameRecord]], e
             speak_probs.append(r.p_speak); speak_labels.append(int(bool(ev.asst_texts)))
             dst_probs.append(r.p_dst); dst_labels.append(int(bool(ev.transitions)))
     speak = metrics.summarize_speaking(speak_matches, fps=videos[0].fps)
-    nlg = metrics.nlg_metrics(metrics.good_match_pairs(speak_matches))
+    text_quality = nlg.nlg_metrics(metrics.good_match_pairs(speak_matches))
     dst = metrics.dst_metrics(dst_videos)  # each video carries its dataset's window
     decisions = {
         "speak": metrics.decision_metrics(speak_probs, speak_labels, thresholds.speak),
         "dst": metrics.decision_metrics(dst_probs, dst_labels, thresholds.dst),
     }
-    return {"speak": speak, "nlg": nlg, "dst": dst, "decisions": decisions}, speak_matches
+    return {"speak": speak, "nlg": text_quality, "dst": dst, "decisions": decisions}, speak_matches
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -569,7 +570,7 @@ def evaluate(args) -> int:
         raise DataError(f"split '{split}' has no videos to evaluate")
 
     embedder_choice = args.embedder or cfg.eval.embedder or "minilm"
-    embed = metrics.load_embedder(embedder_choice)
+    embed = nlg.load_embedder(embedder_choice)
     runner = None
     if model is not None:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None

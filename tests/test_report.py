@@ -14,6 +14,7 @@ import pytest
 
 import evaluate
 import metrics
+import nlg
 from config import load_config
 from conftest import ROOT
 from data import FrameEvents, Step, load_split
@@ -98,7 +99,7 @@ def demo_videos(demo_dir: Path) -> list[evaluate.Video]:
 
 def scored(videos, all_records, thresholds=evaluate.Thresholds(0.5, 0.5)) -> tuple[dict, list]:
     """metrics.json and the speaking matches exactly as evaluate.py computes them."""
-    blocks, matches = evaluate.compute_metrics(videos, all_records, metrics.BagOfWordsEmbedder(), thresholds, False)
+    blocks, matches = evaluate.compute_metrics(videos, all_records, nlg.BagOfWordsEmbedder(), thresholds, False)
     result = {"split": "test", "checkpoint": "hand-built", "num_videos": len(videos),
               "num_frames": sum(v.num_frames for v in videos), "embedder": "bag-of-words-4096",
               "thresholds": {"speak": thresholds.speak, "dst": thresholds.dst}, **blocks,
@@ -299,7 +300,7 @@ def test_report_of_long_videos_merges_runs_and_stays_small(tmp_path):
 
 
 def test_every_metric_of_metrics_json_has_a_definition():
-    blocks = {"speak": metrics.summarize_speaking([]), "nlg": metrics.nlg_metrics([]),
+    blocks = {"speak": metrics.summarize_speaking([]), "nlg": nlg.nlg_metrics([]),
               "dst": metrics.dst_metrics([]), "decisions": metrics.decision_metrics([0.2, 0.8], [0, 1], 0.5)}
     for block, values in blocks.items():
         assert set(values) == set(DEFINITIONS[block]), block
