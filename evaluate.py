@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import metrics
 import nlg
-from report import write_report
+from report import markdown_summary, write_report
 from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config, require_checkpoint
 from config import Config, ConfigError, load_config
@@ -490,6 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sweep-dst", help="comma-separated dst thresholds")
     parser.add_argument("--oracle", action="store_true", help="ground truth instead of the model (perfect scores expected)")
     parser.add_argument("--teacher-forced", action="store_true", help="ground-truth DST/assistant blocks as context")
+    parser.add_argument("--markdown", action="store_true", help="also print the headline figures as a Markdown table")
     parser.add_argument("--embedder", help="minilm (default), bow, or a sentence-encoder directory (eval.embedder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
@@ -641,6 +642,8 @@ def evaluate(args) -> int:
         f"BLEU-4 {n['bleu4']:.3f} CIDEr {n['cider']:.3f}"
     )
     print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html" + (", sweep.csv" if len(sweep_rows) > 1 else ""))
+    if args.markdown:
+        print(markdown_summary(result))
     return 0
 
 

@@ -669,3 +669,22 @@ def write_report(path: Path, result: dict, videos: list[Video], all_records: lis
 {_legend()}{"".join(sections)}
 {_definitions(videos)}</body></html>"""
     path.write_text(page)
+
+
+MARKDOWN_COLUMNS = ("split", "videos", "frames", "speak P / R / F1", "DST P / R / F1", "state acc", "BLEU-4",
+                    "CIDEr", "METEOR", "ROUGE-L", "decision F1 speak / dst")
+
+
+def markdown_summary(result: dict) -> str:
+    """The headline figures of a metrics.json as a two-line Markdown table (`evaluate.py --markdown`)."""
+    s, d, n, dec = result["speak"], result["dst"], result["nlg"], result["decisions"]
+
+    def f(x) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    row = (result["split"], str(result["num_videos"]), str(result["num_frames"]),
+           f"{f(s['precision'])} / {f(s['recall'])} / {f(s['f1'])}",
+           f"{f(d['precision'])} / {f(d['recall'])} / {f(d['f1'])}", f(d["state_accuracy"]), f(n["bleu4"]),
+           f(n["cider"]), f(n["meteor"]), f(n["rougeL"]), f"{f(dec['speak']['f1'])} / {f(dec['dst']['f1'])}")
+    return ("| " + " | ".join(MARKDOWN_COLUMNS) + " |\n|" + "---|" * len(MARKDOWN_COLUMNS) + "\n| "
+            + " | ".join(row) + " |")
