@@ -7,7 +7,8 @@
     python evaluate.py --config configs/demo.yaml --oracle            # ground truth as the model: perfect scores
 
 Outputs go to <ckpt>/eval_<split>/ (or --out): predictions.jsonl (one line per frame per video),
-metrics.json (SPEC §9.4) and report.html (summary, per-video probability timelines, matched utterances).
+metrics.json (docs/evaluation.md#metricsjson) and report.html (summary, per-video timelines of both heads, the
+replies matched, missed and redundant, the DST updates and the state grid, metric definitions).
 
 Per frame: feed <image> x I and the user turns of that frame, read both heads at the decision position; if
 p_dst > dst_threshold feed [DST] and greedy-decode the transitions; if p_speak > speak_threshold feed
@@ -64,7 +65,7 @@ class Video:
         return self.end - self.start
 
     def reference_states(self) -> list[dict[str, str]]:
-        """State after each frame's updates (SPEC §4.3: initial + updates at earlier or equal frames)."""
+        """State after each frame's updates: initial + updates at earlier or equal frames (docs/sequence.md#dialogue-state)."""
         return state_trajectory(self.initial_state, (self.events.get(k, FrameEvents()).transitions
                                                      for k in range(self.start, self.end)))
 

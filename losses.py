@@ -1,6 +1,6 @@
 """The four training losses, their global normalisation, and the decision-head validation statistics.
 
-Losses (SPEC §6): token-mean cross-entropy for the assistant text (`asst_ce`) and the DST text
+Losses (docs/training.md#losses): token-mean cross-entropy for the assistant text (`asst_ce`) and the DST text
 (`dst_ce`); class-balanced BCE for the speak head (`speak_bce`) and the DST-update head (`dst_bce`);
 `loss = w_asst*asst_ce + w_dst*dst_ce + w_speak*speak_bce + w_update*dst_bce`.
 

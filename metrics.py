@@ -114,7 +114,7 @@ def speaking_metrics(
     fps: float = 2,
     zero_cost_quirk: bool = False,
 ) -> dict:
-    """The `speak` block of metrics.json (SPEC §9.4) for a list of videos.
+    """The `speak` block of metrics.json (docs/evaluation.md#metricsjson) for a list of videos.
 
     Each video is {"num_frames": N, "pred": [(frame, text), ...], "ref": [(frame, text), ...]},
     optionally with its own "window" (videos of several datasets in one split).
@@ -129,10 +129,10 @@ def match_speaking(
     window: tuple[int, int] = DEFAULT_WINDOW,
     zero_cost_quirk: bool = False,
 ) -> list[VideoMatch]:
-    """Match generated talk to reference talk in each video, ProAssist's way (SPEC §9.3).
+    """Match generated talk to reference talk in each video, ProAssist's way (docs/evaluation.md#speaking-metrics).
 
     One talk per frame: several predictions (or references) at one frame are one turn, their
-    texts joined with a space, as the sequence layout joins assistant turns (SPEC §4.4). A text
+    texts joined with a space, as the sequence layout joins assistant turns (docs/sequence.md#layout). A text
     that is empty or blank is silence, as in ProAssist (whose no-talk marker is ""): the head
     fired but nothing was said, which decision_metrics scores, not this matching.
 
@@ -337,7 +337,7 @@ def _texts_by_frame(entries: Sequence, num_frames: int, where: str) -> dict[int,
 
 
 def dst_metrics(videos: Sequence[dict], window: tuple[int, int] = DEFAULT_WINDOW) -> dict:
-    """The `dst` block of metrics.json (without the decision metrics), SPEC §9.3.
+    """The `dst` block of metrics.json (without the decision metrics), docs/evaluation.md#dst-metrics.
 
     Each video is {"num_frames": N, "pred": [(frame, step_id, transition), ...], "ref": [...],
     "pred_states": [[state per step] per frame], "ref_states": [...]} and optionally

@@ -1,6 +1,6 @@
-"""Tests for demo.py: the demo dataset of SPEC §11, written in the exact input format of SPEC §4.1.
+"""Tests for demo.py: the demo dataset, written in the exact input format of docs/data_format.md.
 
-The checks here re-derive everything from the written files with the SPEC's own rules (the event-frame
+The checks here re-derive everything from the written files with the documented rules (the event-frame
 rule of §4.2, the initial-state formula of §4.3), not from demo.py's internals, except for the feature
 prototypes, which are needed to classify frames.
 """
@@ -31,7 +31,7 @@ TRANSITIONS = {"start": ("not_started", "in_progress"), "complete": ("in_progres
 
 
 def unclamped_frame(t: float, fps: int) -> int:
-    """u(t) of SPEC §4.2/§4.3: the last frame seen when a turn at time t happens (before clamping)."""
+    """u(t) of the event-frame rule (docs/sequence.md): the last frame seen when a turn at time t happens (before clamping)."""
     return math.floor(t * fps + 1e-6) - 1
 
 
@@ -141,7 +141,7 @@ def test_clip_fields_and_turn_format(dataset):
                 assert turn["role"] in ("user", "assistant", "DST_UPDATE"), where
                 assert isinstance(turn["time"], float), where
                 assert float(turn["time"] * clip["fps"]).is_integer(), f"{where}: time not on a frame"
-                # Strictly inside: no turn relies on the clamp of SPEC §4.2.
+                # Strictly inside: no turn relies on the event-frame rule's clamp.
                 frame = unclamped_frame(turn["time"], clip["fps"])
                 assert clip["start_frame_idx"] <= frame < clip["end_frame_idx"], where
                 if turn["role"] == "DST_UPDATE":
@@ -199,7 +199,7 @@ def classify_frames(cls: np.ndarray, task_index: int, prototypes: demo.Prototype
 
 
 def test_events_sit_on_the_frame_that_first_shows_their_cause(dataset, videos):
-    """SPEC §4.2: an event caused by what frame k first shows is attached to k, i.e. t = (k + 1) / fps."""
+    """The event-frame rule: an event caused by what frame k first shows is attached to k, i.e. t = (k + 1) / fps."""
     out_dir, _, _ = dataset
     prototypes = demo.make_prototypes(SEED)
     slugs = [task.slug for task in demo.TASKS]
@@ -257,7 +257,7 @@ def test_initial_state_follows_the_spec_and_replay_is_legal(videos):
         for index, clip in enumerate(clips):
             where = f"{uid} clip {clip['clip_idx']}"
             fps, boundary = clip["fps"], clip["start_frame_idx"] - 1
-            # SPEC §4.3's formula from the schema spans must agree with what the file says.
+            # The initial-state formula from the schema spans must agree with what the file says.
             recomputed = {}
             for step in clip["dst"]:
                 if unclamped_frame(step["end_ts"], fps) < boundary:
@@ -321,7 +321,7 @@ def test_model_dir_loads_offline_with_pad_equal_to_eos(dataset, monkeypatch):
 
 
 def test_clips_fit_the_token_budget_even_at_five_tokens_per_frame(dataset):
-    """An upper estimate of SPEC §4.4's rendering: prompt, I tokens per frame, one block per turn."""
+    """An upper estimate of the sequence layout's rendering: prompt, I tokens per frame, one block per turn."""
     from transformers import AutoTokenizer
 
     out_dir, _, splits = dataset
