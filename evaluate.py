@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import metrics
 import nlg
+from model import configure_attention, prefer_expandable_segments
 from report import markdown_summary, write_report
 from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config, require_checkpoint
@@ -525,7 +526,9 @@ def inference_precision(requested: Optional[str], trained: str, device_type: str
 def evaluate(args) -> int:
     if not args.ckpt and not (args.config and args.oracle):
         raise ConfigError("give --ckpt DIR (or --config CONFIG together with --oracle)")
+    prefer_expandable_segments()
     device = torch.device(args.device)
+    attention = configure_attention(device)
     model = None
     if args.ckpt:
         ckpt = require_checkpoint(args.ckpt, "--ckpt ",
@@ -579,7 +582,7 @@ def evaluate(args) -> int:
         dtype, reason = inference_precision(args.precision, cfg.train.precision, device.type, capability)
         if dtype == torch.float32:
             model.float()  # frozen weights stored in fp16/bf16 are exact in fp32; no autocast to pair them with
-        print(f"precision: {DTYPE_NAMES[dtype]} ({reason})", file=sys.stderr)
+        print(f"precision: {DTYPE_NAMES[dtype]} ({reason}); {attention}", file=sys.stderr)
         renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
         runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced, dtype=dtype)
 

@@ -35,6 +35,7 @@ Notes on transformers 5.x used below:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,16 @@ UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "lo
 
 # ----------------------------------------------------------------------------------------------------------
 # Attention and the streaming KV cache
+
+
+def prefer_expandable_segments() -> None:
+    """Use the CUDA caching allocator's expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set already.
+
+    Variable-length clips (and a streaming cache that grows) leave the default allocator with cached blocks of
+    the wrong sizes: it fragments and calls cudaMalloc/cudaFree often. Expandable segments grow one mapping
+    instead. The variable is read when CUDA first allocates, so call this before anything touches the GPU.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def configure_attention(device: torch.device) -> str:

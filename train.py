@@ -47,7 +47,8 @@ from config import Config, ConfigError, OptimConfig, load_config, to_yaml
 from data import ClipBatchSampler, ClipDataset, Collator, DataError, collate, load_tokenizer, rho_at
 from model import (
     activation_checkpointing_active, build_model, compile_decoder_layers, configure_attention, describe,
-    flops_per_token, load_model_state, model_state_for_checkpoint, param_groups, set_activation_checkpointing,
+    flops_per_token, load_model_state, model_state_for_checkpoint, param_groups, prefer_expandable_segments,
+    set_activation_checkpointing,
 )
 from plots import write_training_curves
 
@@ -466,6 +467,7 @@ def resume_command() -> str:
 def train(cfg: Config) -> dict:
     """Run (or resume) training as configured. Returns a summary (final step, last records, checkpoint, and
     `interrupted`: the signal's name when a signal stopped it)."""
+    prefer_expandable_segments()
     rank, local_rank, world_size, device = setup_distributed(cfg.train.dist_timeout_s)
     master = rank == 0
     run_dir = Path(cfg.run.dir)

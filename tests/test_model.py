@@ -3,6 +3,7 @@ features), LM head only at text positions, KV-cache streaming == one full forwar
 activation checkpointing proven on, checkpoint tensors round trip, optimizer groups, fp32 heads."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -656,3 +657,58 @@ def test_build_model_scratch_uses_the_seed_and_pretrained_loads_weights(tokenize
     assert loaded.backbone.config._attn_implementation == "causal_sdpa"
     for (name, a), b in zip(first.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_expandable_segments_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    model_module.prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    model_module.prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_attention_choice_is_reported_and_in_effect(tokenizer, base_vocab, monkeypatch):
+    """configure_attention names the kernels; the model's attention is this project's mask-free causal SDPA,
+    and that function is what every decoder layer calls."""
+    assert "causal SDPA" in model_module.configure_attention(torch.device("cpu"))
+    model = tiny_model(tokenizer, base_vocab)
+    assert model.backbone.config._attn_implementation == "causal_sdpa"
+    calls = []
+    real = model_module.causal_sdpa_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    from transformers import AttentionInterface
+    monkeypatch.setitem(AttentionInterface._global_mapping, "causal_sdpa", spy)
+    with torch.no_grad():
+        model(**make_batch(tokenizer))
+    assert len(calls) == LAYERS
+
+
+def test_compiled_layers_equal_eager_with_checkpointing(tokenizer, base_vocab):
+    """train.compile: each decoder layer compiled (inductor on the CPU here), activation checkpointing still
+    wrapping it, gives the eager outputs and gradients; a second batch length does not break it."""
+    eager = tiny_model(tokenizer, base_vocab)
+    compiled = tiny_model(tokenizer, base_vocab)
+    for m in (eager, compiled):
+        set_activation_checkpointing(m, True)
+        m.train()
+    assert model_module.compile_decoder_layers(compiled) == LAYERS
+    for clips in ((CLIP, SHORT_CLIP), (CLIP,)):
+        batch = make_batch(tokenizer, clips=clips)
+        results = []
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+            out = m(**batch)
+            (out["text_logits"].logsumexp(-1).sum() + out["speak_logits"].sum()).backward()
+            results.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        (out_e, grads_e), (out_c, grads_c) = results
+        for key in ("text_logits", "speak_logits", "dst_logits"):
+            torch.testing.assert_close(out_c[key], out_e[key], rtol=1e-4, atol=1e-5)
+        assert grads_c.keys() == grads_e.keys()
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert activation_checkpointing_active(compiled)
