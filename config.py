@@ -18,6 +18,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -349,15 +350,33 @@ def parse_override(cfg: Config, text: str) -> tuple[str, Any]:
 def apply_override(cfg: Config, text: str) -> None:
     """Apply one dotted `key=value` override to an existing config (e.g. one read from a checkpoint)."""
     key, value = parse_override(cfg, text)
+    if key in RETIRED_KEYS:
+        raise ConfigError(f"override '{text}': '{key}' is no longer a setting; use {RETIRED_KEYS[key]}")
     _set(cfg, key, value, f"override '{text}'")
 
 
-def apply_dict(cfg: Config, tree: dict, source: str) -> None:
+# Keys of earlier versions. A config file or override that names one fails with its replacement; the config.yaml
+# of a checkpoint written by an earlier version drops it with a warning, so old checkpoints stay loadable.
+RETIRED_KEYS = {
+    "train.eval_max_batches": "train.eval_max_clips (validation on a fixed, length-stratified subset of clips)",
+}
+
+
+def apply_dict(cfg: Config, tree: dict, source: str, retired_keys: str = "error") -> None:
+    """Set every `section: {field: value}` of `tree`. `retired_keys`: "error" refuses a key of RETIRED_KEYS,
+    "warn" drops it with a warning (checkpoints of earlier versions)."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
     for section_name, values in tree.items():
         if values is None:
             continue
+        if isinstance(values, dict):
+            for field_name in [f for f in values if f"{section_name}.{f}" in RETIRED_KEYS]:
+                key = f"{section_name}.{field_name}"
+                if retired_keys != "warn":
+                    raise ConfigError(f"{source}: '{key}' is no longer a setting; use {RETIRED_KEYS[key]}")
+                warnings.warn(f"{source}: ignoring '{key}' (written by an earlier version); now {RETIRED_KEYS[key]}")
+                values = {k: v for k, v in values.items() if k != field_name}
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section_name}' must be a mapping")
         for field_name, value in values.items():
@@ -393,8 +412,9 @@ def to_yaml(cfg: Config) -> str:
 
 
 def from_dict(tree: dict, source: str = "checkpoint config") -> Config:
+    """A config saved in a checkpoint (retired keys of earlier versions are dropped with a warning)."""
     cfg = Config()
-    apply_dict(cfg, tree, source)
+    apply_dict(cfg, tree, source, retired_keys="warn")
     return cfg
 
 

@@ -22,10 +22,10 @@ from data import ClipDataset, collate, load_tokenizer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("config", help="run config (configs/demo.yaml, or configs/bench.yaml for real shapes)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--batches", type=int, default=30, help="micro-batches to read and time")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.model.path)
@@ -40,7 +40,7 @@ def main() -> None:
         t = time.perf_counter()
         items = [dataset.item(i, 0, cfg.data.nfs_rho) for i in group]
         items_seconds += time.perf_counter() - t
-        batches.append(collate(items, dataset.renderer.pad_id))
+        batches.append(collate(items, dataset.renderer.pad_id, cfg.data.pad_to_multiple))
     pipeline = (time.perf_counter() - start) / args.batches
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

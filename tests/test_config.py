@@ -102,3 +102,19 @@ def test_home_is_expanded_in_path_fields(tmp_path):
     (tmp_path / "c.yaml").write_text("run:\n  dir: ~/r\n")
     assert load_config(tmp_path / "c.yaml").run.dir == f"{home}/r"
     assert "~" not in str(to_dict(load_config(tmp_path / "c.yaml"))["run"])
+
+
+def test_retired_keys_name_their_replacement_and_old_checkpoints_still_load(tmp_path):
+    """A checkpoint written before train.eval_max_batches was replaced loads (the key is dropped with a
+    warning); a config file or an override that still names it is refused with the replacement."""
+    from config import ConfigError, from_dict, load_config
+    old_checkpoint_config = {"train": {"max_steps": 10, "eval_max_batches": 200}}
+    with pytest.warns(UserWarning, match="ignoring 'train.eval_max_batches'.*train.eval_max_clips"):
+        cfg = from_dict(old_checkpoint_config, "runs/x/step_10/config.yaml")
+    assert cfg.train.max_steps == 10 and cfg.train.eval_max_clips == 0
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  eval_max_batches: 200\n")
+    with pytest.raises(ConfigError, match="no longer a setting; use train.eval_max_clips"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no longer a setting; use train.eval_max_clips"):
+        load_config(None, ["train.eval_max_batches=3"])
