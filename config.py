@@ -156,6 +156,7 @@ CHOICES = {
     "model.trainable": ("full", "lora", "frozen"),
     "model.head_type": ("linear", "mlp"),
     "model.frozen_dtype": ("fp32", "fp16", "bf16"),
+    "model.attn_implementation": ("causal_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
     "eval.context_strategy": ("reset_with_dst", "drop_all", "drop_middle"),
 }

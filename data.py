@@ -446,8 +446,9 @@ def read_split_file(path: Path, problems: list[Problem]) -> list:
 def load_tokenizer(path):
     """The model directory's tokenizer with the project's special tokens added.
 
-    A distinct <pad> is added when the tokenizer has none or when pad == eos: with pad == eos the
-    collator's padding mask would also hide every real EOS, and the model would never learn to stop.
+    A distinct <pad> is added when the tokenizer has none or when pad == eos: with pad == eos, anything that
+    tells padding by its id (labels masked where input_ids == pad, as common collators do) also hides every
+    real EOS, and the model never learns to stop. A distinct <pad> keeps the two apart everywhere.
     """
     from transformers import AutoTokenizer
 

@@ -240,7 +240,7 @@ class StreamingRunner:
         reset_with_dst: the prompt carries the *predicted* current state (the model's own DST is its memory);
         drop_all: the prompt with the video's initial state, nothing else;
         drop_middle: the prompt with the initial state plus the most recent whole frames (each with its
-        generated blocks and their EOS, as in training), up to half the budget.
+        generated blocks and their EOS, as in training), up to half of what the prompt and a frame leave.
         """
         strategy = self.cfg.eval.context_strategy
         self.context_resets += 1
@@ -248,7 +248,10 @@ class StreamingRunner:
         prompt = self.renderer.prompt(self.video.system_text, self.video.steps, state)
         kept: list[tuple[int, list[int]]] = []
         if strategy == "drop_middle":
-            room = self.budget // 2
+            # Half of what the prompt and the next frame's worst case (both blocks generated in full) leave, so a
+            # reset is followed by many frames, not by another reset.
+            worst_frame = self.cfg.eval.max_dst_tokens + self.cfg.eval.max_new_tokens + 6 + self.renderer.num_tokens_per_frame
+            room = max(0, (self.budget - len(prompt) - worst_frame) // 2)
             for frame_index, segment in reversed(self.segments):
                 if len(segment) > room:
                     break
@@ -299,6 +302,13 @@ class StreamingRunner:
         self.segments: list[tuple[int, list[int]]] = []  # (frame index in the video, its tokens) in the context
         self.pred_state = dict(video.initial_state)
         self.pending = self.renderer.prompt(video.system_text, video.steps, self.pred_state)
+        worst_frame = self.cfg.eval.max_dst_tokens + self.cfg.eval.max_new_tokens + 6 + self.renderer.num_tokens_per_frame
+        if len(self.pending) + worst_frame > self.budget:
+            raise ConfigError(
+                f"video {video.video_uid}: its system prompt ({len(self.pending)} tokens) and one frame with both blocks "
+                f"generated ({worst_frame}) do not fit data.max_seq_len - eval.context_margin = {self.budget}: "
+                f"raise data.max_seq_len or lower eval.context_margin, eval.max_new_tokens, eval.max_dst_tokens"
+            )
         records = []
         for i, k in enumerate(range(video.start, video.end)):
             ev = video.events.get(k, FrameEvents())
@@ -498,7 +508,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
                         help="compute precision (default: the checkpoint's train.precision, resolved for this device "
                              "as training resolves it; auto: bf16 on compute capability >= 8.0, fp16 below, fp32 on CPU)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
     try:
         return evaluate(args)
     except (ConfigError, DataError, CheckpointError) as err:

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import inspect
 import json
 import math
 import os
@@ -110,7 +111,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux -> GB
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -452,11 +453,13 @@ def exit_process(code: int) -> NoReturn:
 
 
 def resume_command() -> str:
-    """The command line that re-runs (and so resumes) this run."""
+    """The command line that re-runs (and so resumes) this run; under torchrun, the launcher's own flags and
+    environment (run_2gpu.sh's, say) are not visible here and must be given again as before."""
     args = " ".join(shlex.quote(a) for a in sys.argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
-        return f"torchrun --nproc_per_node={int(os.environ.get('LOCAL_WORLD_SIZE', world_size))} {args}"
+        return (f"torchrun [your launcher flags] --nproc_per_node={int(os.environ.get('LOCAL_WORLD_SIZE', world_size))} "
+                f"{args} (or the script that launched it)")
     return f"python {args}"
 
 
@@ -552,8 +555,10 @@ def train(cfg: Config) -> dict:
     if world_size > 1:
         # No buffer broadcast (the buffers are derived from the tokenizer, identical on every rank); gradients
         # live in the all-reduce buckets instead of being copied into them.
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
-                    gradient_as_bucket_view=True)
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})  # the argument's name since torch 2.13
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                    **no_buffer_sync)
 
     loader = DataLoader(
         train_set, batch_sampler=sampler, collate_fn=Collator(train_set.renderer.pad_id, cfg.data.pad_to_multiple),
@@ -742,7 +747,8 @@ def run_loop(cfg, model, raw_model, loader, optimizer, scaler, autocast, state, 
             window_parts.zero_(); window_counts.zero_(); window_io.zero_(); window_norm.zero_()
             window_steps, window_good, window_start = 0, 0, time.perf_counter()
 
-        if val_set is not None and (state["step"] % cfg.train.eval_every == 0 or done):
+        validating = val_set is not None and (state["step"] % cfg.train.eval_every == 0 or done)
+        if validating:
             val = evaluate_loss(raw_model, val_set, cfg, device, dtype, rank, world_size)
             if state["best_val_loss"] is None or val["loss"] < state["best_val_loss"]:
                 state["best_val_loss"] = val["loss"]
@@ -757,6 +763,8 @@ def run_loop(cfg, model, raw_model, loader, optimizer, scaler, autocast, state, 
             logger.write({"kind": "checkpoint", "step": state["step"], "path": str(last_ckpt)}, f"saved {last_ckpt}")
             if rank == 0:
                 write_training_curves(run_dir)  # with this checkpoint's mark
+        if validating or saving:  # the next throughput window measures training, not validation or saving
+            window_start = time.perf_counter()
     return {"step": state["step"], "checkpoint": str(last_ckpt) if last_ckpt else None, "last": last_record,
             "interrupted": stop.name if stopping else None}
 
