@@ -47,6 +47,7 @@ class DataConfig:
     length_grouping: bool = True  # sort by length within shuffled mega-batches: less padding, same epoch content
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
     default_system_prompt: str = "You are a helpful and proactive assistant."  # used when a clip has no system turn
+    frames: str = "features"  # features: precomputed feature files | raw: JPEG frames encoded by the VLM's frozen vision tower in the step
 
 
 @dataclass
@@ -63,6 +64,8 @@ class ModelConfig:
     head_type: str = "linear"  # linear: Linear(H, 1) | mlp: H -> H/2 -> 1 decision heads
     frozen_dtype: str = "fp32"  # storage dtype of frozen backbone weights: fp32 | fp16 | bf16 (trainable weights are always fp32)
     attn_implementation: str = "sdpa"  # attention kernel passed to transformers
+    vision_path: str = ""  # data.frames=raw: the VLM directory whose vision tower encodes frames; empty = model.path
+    vision_batch_frames: int = 32  # data.frames=raw: frames per vision-tower call (bounds device memory, not results)
 
 
 @dataclass
@@ -136,6 +139,7 @@ CHOICES = {
     "data.on_overlength": ("error", "drop"),
     "data.nfs_schedule": ("constant", "linear"),
     "data.num_tokens_per_frame": (1, 5, 10),
+    "data.frames": ("features", "raw"),
     "model.init": ("pretrained", "scratch"),
     "model.trainable": ("full", "lora", "frozen"),
     "model.head_type": ("linear", "mlp"),
