@@ -1,8 +1,9 @@
 """Data: clip parsing and validation, frame features, the sequence builder, labels, sampler, CLI.
 
-    python data.py make-demo --out data/demo [--seed 0] [--videos N]
+    python data.py make-demo --out data/demo [--seed 0] [--videos N] [--raw-frames]
     python data.py validate configs/demo.yaml            # or a split file; key=value overrides allowed
     python data.py show configs/demo.yaml --split train --index 0 [--json]
+    python data.py extract-features configs/smolvlm2.yaml --out features/smolvlm2   # a VLM's tower over raw frames
 
 Everything that decides what the model is trained on lives here, once:
 
@@ -29,7 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from config import Config, ConfigError, load_config, split_files
-from frames import DataError, FrameStore
+from frames import DataError, FramePreprocessing, FrameStore, RawFrameReader
 
 SPECIAL_TOKENS = ("<image>", "[USER]", "[DST]", "[ASST]")
 PAD_TOKEN = "<pad>"
@@ -619,6 +620,11 @@ class ItemKey:
     cursor: int  # micro-batches of this epoch consumed once this item's batch is done (for resume)
 
 
+def raw_frame_reader(cfg: Config, store: FrameStore) -> RawFrameReader:
+    """data.frames=raw: decoding and resizing as the image processor of the VLM whose tower encodes the frames."""
+    return RawFrameReader(store, FramePreprocessing.from_model_dir(cfg.model.vision_path or cfg.model.path))
+
+
 class ClipDataset:
     """A split's validated clips; items are rendered and labelled on demand (features read per clip)."""
 
@@ -637,6 +643,7 @@ class ClipDataset:
             raise DataError(f"split '{split}' ({', '.join(map(str, split_files(cfg, split)))}) has no clips")
         self.renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
         self.store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
+        self.raw_frames = raw_frame_reader(cfg, self.store) if cfg.data.frames == "raw" else None
         self.lengths = [len(self.renderer.render(c).input_ids) for c in clips]
         over = [(c, n) for c, n in zip(clips, self.lengths) if n > cfg.data.max_seq_len]
         self.dropped = []
@@ -657,7 +664,10 @@ class ClipDataset:
         problems = []
         for clip in clips:
             try:
-                self.store.features(clip) if full_frame_check else self.store.check(clip)
+                if self.raw_frames is not None:
+                    self.raw_frames.verify(clip) if full_frame_check else self.raw_frames.check(clip)
+                else:
+                    self.store.features(clip) if full_frame_check else self.store.check(clip)
             except DataError as err:
                 problems.append(str(err))
         if problems:
@@ -675,7 +685,13 @@ class ClipDataset:
         keep = nfs_keep(rendered.speak_events, rendered.dst_events, rho, self.cfg.train.seed, epoch, clip.index)
         speak, update = head_labels(rendered, keep)
         n_images = int((rendered.input_ids == self.renderer.image_id).sum())
-        if with_features:
+        frame_inputs = {}
+        if with_features and self.raw_frames is not None:
+            # data.frames=raw: uint8 frames; the model's frozen vision tower makes the features on the device
+            frame_inputs["frame_pixels"] = self.raw_frames.pixels(clip)  # (num_frames, S, S, 3)
+            assert len(frame_inputs["frame_pixels"]) * self.renderer.num_tokens_per_frame == n_images, clip_where(clip)
+            features = None
+        elif with_features:
             features = self.store.features(clip)
             assert features.shape[0] == n_images, (clip_where(clip), features.shape, n_images)
         else:
@@ -685,7 +701,7 @@ class ClipDataset:
         return {
             "input_ids": rendered.input_ids, "asst_targets": rendered.asst_targets,
             "dst_targets": rendered.dst_targets, "speak_labels": speak, "dst_labels": update,
-            "decision_mask": decision_mask, "frame_features": features, "clip_index": index,
+            "decision_mask": decision_mask, "frame_features": features, "clip_index": index, **frame_inputs,
         }
 
     def __getitem__(self, key: ItemKey | int) -> dict:
@@ -787,9 +803,12 @@ def collate(items: list[dict], pad_id: int) -> dict:
         "speak_labels": pad("speak_labels", IGNORE, np.int64),
         "dst_labels": pad("dst_labels", IGNORE, np.int64),
         "decision_mask": pad("decision_mask", False, bool),
-        "frame_features": torch.from_numpy(np.concatenate([it["frame_features"] for it in items], axis=0)),
+        "frame_features": (torch.from_numpy(np.concatenate([it["frame_features"] for it in items], axis=0))
+                           if items[0]["frame_features"] is not None else None),
         "clip_index": torch.tensor([it["clip_index"] for it in items], dtype=torch.int64),
     }
+    if "frame_pixels" in items[0]:  # data.frames=raw: (total frames, S, S, 3) uint8 in (b, frame) order
+        batch["frame_pixels"] = torch.from_numpy(np.concatenate([it["frame_pixels"] for it in items], axis=0))
     # Flat (b * T + t) positions of text targets, head labels and decision positions, ascending (the order
     # of boolean-mask indexing). Computed here, on the CPU in a loader worker, so the model can gather
     # hidden states without asking the GPU how many positions there are (a host sync per micro-step).
@@ -823,13 +842,14 @@ def validate(cfg: Config, splits: list[str], tokenizer=None) -> list[Problem]:
     """Every problem of the given splits, in one pass: schema, roles, times, transitions, frames, tokens."""
     problems: list[Problem] = []
     store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
+    raw_frames = raw_frame_reader(cfg, store) if cfg.data.frames == "raw" else None
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame) if tokenizer is not None else None
     for split in splits:
         clips, split_problems = load_split(cfg, split)
         problems.extend(split_problems)
         for clip in clips:
             try:
-                store.features(clip)
+                raw_frames.verify(clip) if raw_frames is not None else store.features(clip)
             except DataError as err:
                 problems.append(Problem("ERROR", clip.file, str(err), clip.index, clip.video_uid))
             if renderer is not None:
@@ -928,8 +948,20 @@ def cmd_show(args) -> int:
 def cmd_make_demo(args) -> int:
     import demo
 
-    summary = demo.make_demo(args.out, seed=args.seed, num_videos=args.videos)
+    summary = demo.make_demo(args.out, seed=args.seed, num_videos=args.videos, raw_frames=args.raw_frames,
+                             frame_size=args.frame_size)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_extract_features(args) -> int:
+    from frames import extract_features
+
+    cfg = load_config(args.config, args.overrides)
+    summary = extract_features(cfg, args.out, frames_path=args.frames, device=args.device, num_workers=args.workers)
+    print(json.dumps(summary, indent=2))
+    print(f"train on them with: data.frames=features data.features_path={summary['features_path']} "
+          f"data.feature_dim={summary['feature_dim']}")
     return 0
 
 
@@ -940,6 +972,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="data/demo", help="output directory (default data/demo)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same bytes)")
     p.add_argument("--videos", type=int, default=None, help="number of training videos (val/test scale with it)")
+    p.add_argument("--raw-frames", action="store_true",
+                   help="also write the frames as base64 JPEG rows (frames/<video_uid>.arrow, needs Pillow) and point "
+                        "frames_file at them; the features stay in features/ (data.features_path)")
+    p.add_argument("--frame-size", type=int, default=32, help="side of the --raw-frames images in pixels (default 32)")
+    p = sub.add_parser("extract-features", help="encode every clip's raw frames with a VLM's frozen vision tower "
+                                                "into per-video feature files (resumable)")
+    p.add_argument("config", help="config YAML: its splits, model.vision_path or model.path (the VLM), train.precision")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--out", required=True, help="output directory; files go to OUT/<dataset>/<video_uid>.arrow")
+    p.add_argument("--frames", default="", help="template of the raw-frame files, with data.features_path's fields "
+                                                "(default: each clip's frames_file)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--workers", type=int, default=2, help="JPEG decoding worker processes (default 2)")
     p = sub.add_parser("validate", help="check clips; one line per problem; exit 1 on any error")
     p.add_argument("targets", nargs="+", help="config YAML or split JSON files, then optional key=value overrides")
     p = sub.add_parser("show", help="print one clip's rendered sequence with every label stream")
@@ -956,8 +1001,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_validate(args)
         if args.command == "show":
             return cmd_show(args)
+        if args.command == "extract-features":
+            return cmd_extract_features(args)
         return cmd_make_demo(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ModuleNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
