@@ -23,7 +23,10 @@ from config import load_config
 from data import ClipDataset, Renderer, load_split, load_tokenizer, new_token_ids
 from evaluate import StreamingRunner, Thresholds, assemble_videos, video_features
 from frames import FrameStore
-from model import LoRALinear, build_model, checkpoint_names, is_trainable_name, load_vlm
+from model import (
+    LoRALinear, activation_checkpointing_active, build_model, checkpoint_names, is_trainable_name, load_vlm,
+    set_activation_checkpointing,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +112,8 @@ def test_smolvlm_tied_head_full_training_and_the_frozen_tower(demo_dir, tmp_path
     assert "backbone.model.embed_tokens.weight" in names and "backbone.lm_head.weight" not in names
     assert not any(n.startswith("vision.") for n in names)
     assert not any(isinstance(m, LoRALinear) for m in model.vision.modules())
+    set_activation_checkpointing(model, True)  # per text decoder layer, as for any backbone
+    assert activation_checkpointing_active(model)
 
 
 def test_smolvlm_scratch_init_builds_its_text_model(demo_dir, tmp_path):
