@@ -166,8 +166,8 @@ def test_smollm2_real_weights_train_reload_and_stream(smollm2_dir, demo_dir, tmp
     del lm
 
     overrides = [f"data.root={demo_dir}", f"model.path={smollm2_dir}", f"run.dir={tmp_path / 'run'}",
-                 "data.num_workers=0", "train.max_steps=8", "train.micro_batch=2", "train.log_every=1",
-                 "train.eval_every=8", "train.eval_max_batches=2", "train.save_every=8",
+                 "data.num_workers=0", "train.max_steps=6", "train.micro_batch=2", "train.log_every=1",
+                 "optim.warmup_steps=2", "train.eval_every=6", "train.eval_max_batches=2", "train.save_every=6",
                  "eval.max_new_tokens=8", "eval.max_dst_tokens=8"]
     cfg = load_config(ROOT / "configs" / "demo_smollm2.yaml", overrides)
     tokenizer = load_tokenizer(smollm2_dir)
@@ -188,7 +188,7 @@ def test_smollm2_real_weights_train_reload_and_stream(smollm2_dir, demo_dir, tmp
     result = train.train(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert len(train_losses) == 8 and sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3, train_losses
+    assert len(train_losses) == 6 and sum(train_losses[-2:]) / 2 < sum(train_losses[:2]) / 2, train_losses
     val_logged = [r for r in records if r["kind"] == "val"][-1]
 
     # The checkpoint holds LoRA, new rows, projector and heads; the frozen base comes from model.path.
