@@ -258,6 +258,8 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu", ove
     saves_backbone = cfg.model.trainable == "full" or cfg.model.init == "scratch"
     if saves_backbone:
         # The checkpoint holds every backbone weight: build the architecture from its own config.json.
+        # A data.frames=raw run's frozen vision tower is not in it: it still comes from the original directory.
+        cfg.model.vision_path = cfg.model.vision_path or cfg.model.path
         cfg.model.path = str(ckpt / "backbone")
         cfg.model.init = "scratch"
     elif not Path(cfg.model.path).is_dir():

@@ -59,6 +59,7 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank (0 = load in the training process)
     pad_to_multiple: int = 1  # pad each batch's length up to a multiple of this: fewer shapes for train.compile, a few padded tokens more
     default_system_prompt: str = "You are a helpful and proactive assistant."  # used when a clip has no system turn
+    frames: str = "features"  # features: precomputed feature files | raw: JPEG frames encoded by the VLM's frozen vision tower in the step
 
 
 @dataclass
@@ -75,6 +76,8 @@ class ModelConfig:
     head_type: str = "linear"  # linear: Linear(H, 1) | mlp: H -> H/2 -> 1 decision heads
     frozen_dtype: str = "fp32"  # storage dtype of frozen backbone weights: fp32 | fp16 | bf16 (trainable weights are always fp32)
     attn_implementation: str = "causal_sdpa"  # causal_sdpa: this project's mask-free causal SDPA (see model.py) | sdpa | eager | flash_attention_2
+    vision_path: str = ""  # data.frames=raw: the VLM directory whose vision tower encodes frames; empty = model.path
+    vision_batch_frames: int = 32  # data.frames=raw: frames per vision-tower call (bounds device memory, not results)
 
 
 @dataclass
@@ -152,6 +155,7 @@ CHOICES = {
     "data.on_invalid_clip": ("error", "skip"),
     "data.nfs_schedule": ("constant", "linear"),
     "data.num_tokens_per_frame": (1, 5, 10),
+    "data.frames": ("features", "raw"),
     "model.init": ("pretrained", "scratch"),
     "model.trainable": ("full", "lora", "frozen"),
     "model.head_type": ("linear", "mlp"),

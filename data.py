@@ -1,9 +1,10 @@
 """Data: clip parsing and validation, frame features, the sequence builder, labels, sampler, CLI.
 
-    python data.py make-demo --out data/demo [--seed 0] [--videos N]
+    python data.py make-demo --out data/demo [--seed 0] [--videos N] [--raw-frames]
     python data.py validate configs/demo.yaml            # key=value overrides allowed
     python data.py validate SPLIT.json data.root=DIR model.path=DIR data.feature_dim=F   # a split file alone
     python data.py show configs/demo.yaml --split train --index 0 [--json]
+    python data.py extract-features configs/smolvlm2.yaml --out features/smolvlm2   # a VLM's tower over raw frames
 
 Everything that decides what the model is trained on lives here, once:
 
@@ -33,7 +34,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from config import Config, ConfigError, load_config, split_files
-from frames import DataError, FeatureDimError, FrameStore
+from frames import DataError, FeatureDimError, FramePreprocessing, FrameStore, RawFrameReader
 
 SPECIAL_TOKENS = ("<image>", "[USER]", "[DST]", "[ASST]")
 PAD_TOKEN = "<pad>"
@@ -627,11 +628,13 @@ def rho_at(cfg: Config, step: int) -> float:
 # Usable clips: the invalid-clip and over-length policies (data.on_invalid_clip, data.on_overlength)
 
 
-def frame_problem(store: FrameStore, clip: Clip, dim_hint: str = "") -> Optional[Problem]:
-    """The start-up frame check of one clip (every row read once, no copies) as a Problem, or None.
-    `dim_hint` is added to a feature-dimension mismatch (the CLI says there which default it used)."""
+def frame_problem(check, clip: Clip, dim_hint: str = "") -> Optional[Problem]:
+    """A frame check of one clip as a Problem, or None. `check(clip)` raises a DataError: FrameStore.check
+    (every feature row read once, no copies), RawFrameReader.check (file, rows, the first frame decodes) or
+    RawFrameReader.verify (every frame decodes). `dim_hint` is added to a feature-dimension mismatch (the CLI
+    says there which default it used)."""
     try:
-        store.check(clip)
+        check(clip)
     except FeatureDimError as err:
         hint = dim_hint.format(found=err.found) if dim_hint else ""
         return Problem("ERROR", clip.file, f"{err}{hint}", clip.index, clip.video_uid)
@@ -775,10 +778,12 @@ def usable_clips(cfg: Config, split: str, tokenizer=None,
     always refuses.
     """
     store = store if store is not None else FrameStore.from_config(cfg)
+    # Raw JPEG frames are decoded when read (a clip's first frame now); feature rows are all checked now.
+    start_up_check = raw_frame_reader(cfg, store).check if cfg.data.frames == "raw" else store.check
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame) if tokenizer is not None else None
     clips, problems = load_split(cfg, split)
     for clip in clips:
-        problem = frame_problem(store, clip)
+        problem = frame_problem(start_up_check, clip)
         if problem is not None:
             problems.append(problem)
     errors = [p for p in problems if p.level == "ERROR"]
@@ -859,6 +864,11 @@ class ItemKey:
     cursor: int  # optimizer steps of this epoch done once this item's step is done (for resume)
 
 
+def raw_frame_reader(cfg: Config, store: FrameStore) -> RawFrameReader:
+    """data.frames=raw: decoding and resizing as the image processor of the VLM whose tower encodes the frames."""
+    return RawFrameReader(store, FramePreprocessing.from_model_dir(cfg.model.vision_path or cfg.model.path))
+
+
 class ClipDataset:
     """A split's usable clips (`usable_clips`: every clip and every frame row checked before the first step,
     invalid and over-length clips handled by data.on_invalid_clip and data.on_overlength); items are rendered
@@ -870,6 +880,7 @@ class ClipDataset:
         self.split = split
         self.renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
         self.store = FrameStore.from_config(cfg)
+        self.raw_frames = raw_frame_reader(cfg, self.store) if cfg.data.frames == "raw" else None
         self.clips, self.report = usable_clips(cfg, split, tokenizer, self.store)
         self.lengths = self.report.lengths
         self.dropped = [clip for clip, _ in self.report.dropped]
@@ -887,7 +898,14 @@ class ClipDataset:
         keep = nfs_keep(rendered.speak_events, rendered.dst_events, rho, self.cfg.train.seed, epoch, clip.nfs_key)
         speak, update = head_labels(rendered, keep)
         n_images = int((rendered.input_ids == self.renderer.image_id).sum())
-        if with_features:
+        frame_inputs = {}
+        if with_features and self.raw_frames is not None:
+            # data.frames=raw: uint8 frames; the model's frozen vision tower makes the features on the device
+            frame_inputs["frame_pixels"] = self.raw_frames.pixels(clip)  # (num_frames, S, S, 3)
+            if len(frame_inputs["frame_pixels"]) * self.renderer.num_tokens_per_frame != n_images:
+                raise DataError(f"{clip_where(clip)}: {len(frame_inputs['frame_pixels'])} frames for {n_images} <image> tokens")
+            features = None
+        elif with_features:
             # Checked at start-up; a failure now (a file changed since) raises a DataError naming the clip.
             features = self.store.features(clip)
             if features.shape[0] != n_images:
@@ -899,7 +917,7 @@ class ClipDataset:
         return {
             "input_ids": rendered.input_ids, "asst_targets": rendered.asst_targets,
             "dst_targets": rendered.dst_targets, "speak_labels": speak, "dst_labels": update,
-            "decision_mask": decision_mask, "frame_features": features, "clip_index": index,
+            "decision_mask": decision_mask, "frame_features": features, "clip_index": index, **frame_inputs,
         }
 
     def __getitem__(self, key: ItemKey | int) -> dict:
@@ -1010,9 +1028,12 @@ def collate(items: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict:
         "speak_labels": pad("speak_labels", IGNORE, np.int64),
         "dst_labels": pad("dst_labels", IGNORE, np.int64),
         "decision_mask": pad("decision_mask", False, bool),
-        "frame_features": torch.from_numpy(np.concatenate([it["frame_features"] for it in items], axis=0)),
+        "frame_features": (torch.from_numpy(np.concatenate([it["frame_features"] for it in items], axis=0))
+                           if items[0]["frame_features"] is not None else None),
         "clip_index": torch.tensor([it["clip_index"] for it in items], dtype=torch.int64),
     }
+    if "frame_pixels" in items[0]:  # data.frames=raw: (total frames, S, S, 3) uint8 in (b, frame) order
+        batch["frame_pixels"] = torch.from_numpy(np.concatenate([it["frame_pixels"] for it in items], axis=0))
     # Flat (b * T + t) positions of text targets, head labels and decision positions, ascending (the order
     # of boolean-mask indexing). Computed here, on the CPU in a loader worker, so the model can gather
     # hidden states without asking the GPU how many positions there are (a host sync per micro-step).
@@ -1053,13 +1074,16 @@ def validate(cfg: Config, splits: list[str], tokenizer=None, check_frames: bool 
     (then a warning saying into how many sub-clips)."""
     problems: list[Problem] = []
     store = FrameStore.from_config(cfg)
+    raw_frames = raw_frame_reader(cfg, store) if cfg.data.frames == "raw" else None
+    # Validation reads everything: every feature row, or every raw frame decoded.
+    check = raw_frames.verify if raw_frames is not None else store.check
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame) if tokenizer is not None else None
     max_len = cfg.data.max_seq_len
     for split in splits:
         clips, split_problems = load_split(cfg, split)
         problems.extend(split_problems)
         for clip in clips:
-            problem = frame_problem(store, clip, dim_hint) if check_frames else None
+            problem = frame_problem(check, clip, dim_hint) if check_frames else None
             if problem is not None:
                 problems.append(problem)
             if renderer is None:
@@ -1211,8 +1235,20 @@ def cmd_show(args) -> int:
 def cmd_make_demo(args) -> int:
     import demo
 
-    summary = demo.make_demo(args.out, seed=args.seed, num_videos=args.videos)
+    summary = demo.make_demo(args.out, seed=args.seed, num_videos=args.videos, raw_frames=args.raw_frames,
+                             frame_size=args.frame_size)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_extract_features(args) -> int:
+    from frames import extract_features
+
+    cfg = load_config(args.config, args.overrides)
+    summary = extract_features(cfg, args.out, frames_path=args.frames, device=args.device, num_workers=args.workers)
+    print(json.dumps(summary, indent=2))
+    print(f"train on them with: data.frames=features data.features_path={summary['features_path']} "
+          f"data.feature_dim={summary['feature_dim']}")
     return 0
 
 
@@ -1223,6 +1259,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="data/demo", help="output directory (default data/demo)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same bytes)")
     p.add_argument("--videos", type=int, default=None, help="number of training videos (val/test scale with it)")
+    p.add_argument("--raw-frames", action="store_true",
+                   help="also write the frames as base64 JPEG rows (frames/<video_uid>.arrow, needs Pillow) and point "
+                        "frames_file at them; the features stay in features/ (data.features_path)")
+    p.add_argument("--frame-size", type=int, default=32, help="side of the --raw-frames images in pixels (default 32)")
+    p = sub.add_parser("extract-features", help="encode every clip's raw frames with a VLM's frozen vision tower "
+                                                "into per-video feature files (resumable)")
+    p.add_argument("config", help="config YAML: its splits, model.vision_path or model.path (the VLM), train.precision")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--out", required=True, help="output directory; files go to OUT/<dataset>/<video_uid>.arrow")
+    p.add_argument("--frames", default="", help="template of the raw-frame files, with data.features_path's fields "
+                                                "(default: each clip's frames_file)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--workers", type=int, default=2, help="JPEG decoding worker processes (default 2)")
     p = sub.add_parser("validate", help="check clips; one line per problem; exit 1 on any error")
     p.add_argument("targets", nargs="+", help="config YAML or split JSON files and key=value overrides (anything "
                    "with '='); a split file alone takes data.root, model.path and data.feature_dim from them")
@@ -1241,8 +1290,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_validate(args)
         if args.command == "show":
             return cmd_show(args)
+        if args.command == "extract-features":
+            return cmd_extract_features(args)
         return cmd_make_demo(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ModuleNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

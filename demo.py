@@ -57,6 +57,7 @@ NUM_TOKENS_PER_IMG = 1
 MAX_SEQ_LEN = 1024  # clips are at most ~110 frames: even at I = 5 a clip renders to well under this
 SPLITS = ("train", "val", "test")
 FEATURES_DIR = "features"
+FRAMES_DIR = "frames"  # --raw-frames: base64 JPEG rows, the raw-frame layout
 MODEL_DIR = "model"
 
 # Same sentence as ProAssist's data (and the sample clip).
@@ -106,6 +107,14 @@ BOUNDARY_SEARCH_FRAMES = 8
 PROTOTYPE_STREAM = 0
 TASK_ORDER_STREAM = 1
 VIDEO_STREAM = 2
+FRAME_STREAM = 3  # pixel noise of the raw frames: a stream of its own, so the feature files do not change
+
+# Raw frames (--raw-frames): each frame shows its phase's prototype as an 8x8 grid of colour cells (channel c
+# = the first 64 values of cls, 2x2[0], 2x2[1]), each cell FRAME_SIZE / 8 pixels wide, plus the struggle
+# pattern and per-pixel noise: the same information as the features, visible to a vision tower.
+FRAME_GRID = 8
+PIXEL_MID, PIXEL_SCALE = 128, 40  # prototype value v -> pixel 128 + 40 v (prototype entries are ~N(0, 1))
+JPEG_QUALITY = 95
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,8 +408,8 @@ def state_before(plan: VideoPlan, frame: int) -> dict[str, str]:
     return state
 
 
-def clip_records(plan: VideoPlan, seed: int) -> list[dict]:
-    """The clip objects of one video, in SPEC §4.1's format."""
+def clip_records(plan: VideoPlan, seed: int, frames_dir: str = FEATURES_DIR) -> list[dict]:
+    """The clip objects of one video, in SPEC §4.1's format; `frames_file` points into `frames_dir`."""
     task = plan.task
     dst = [
         {"type": "step", "id": step_id(step), "name": name,
@@ -420,7 +429,7 @@ def clip_records(plan: VideoPlan, seed: int) -> list[dict]:
             "video_uid": plan.video_uid,
             "clip_idx": clip_idx,
             "dataset": DATASET_NAME,
-            "frames_file": f"{FEATURES_DIR}/{plan.video_uid}.arrow",
+            "frames_file": f"{frames_dir}/{plan.video_uid}.arrow",
             "start_frame_idx": start,
             "end_frame_idx": end,
             "fps": FPS,
@@ -457,6 +466,41 @@ def write_features(path: Path, cls: np.ndarray, patches: np.ndarray) -> None:
     schema = pa.schema([("cls", cell_type), ("2x2", cell_type)])
     table = pa.Table.from_arrays([_nested_list_array(cls), _nested_list_array(patches)], schema=schema)
     with pa.ipc.new_file(str(path), schema) as writer:
+        writer.write_table(table)
+
+
+def render_frame_images(plan: VideoPlan, prototypes: Prototypes, rng: np.random.Generator, size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8 images carrying each frame's prototype (+ struggle pattern) plus pixel noise."""
+    if size < FRAME_GRID or size % FRAME_GRID:
+        raise ValueError(f"frame size must be a positive multiple of {FRAME_GRID}, got {size}")
+    rows = np.array([prototypes.row(plan.task_index, int(p)) for p in plan.phases])
+    proto = np.stack([prototypes.cls[rows], prototypes.patches[rows, 0], prototypes.patches[rows, 1]], axis=1)  # (N, 3, D)
+    struggle = np.stack([prototypes.struggle_cls, *prototypes.struggle_patches[:2]])  # (3, D)
+    values = proto + plan.struggle[:, None, None] * struggle
+    cells = FRAME_GRID * FRAME_GRID
+    grid = values[:, :, :cells].reshape(len(rows), 3, FRAME_GRID, FRAME_GRID)  # (N, 3, 8, 8)
+    cell = size // FRAME_GRID
+    image = np.repeat(np.repeat(grid, cell, axis=2), cell, axis=3)  # (N, 3, size, size)
+    image = image + NOISE_STD * rng.standard_normal(image.shape)
+    pixels = np.clip(np.round(PIXEL_MID + PIXEL_SCALE * image), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+
+
+def write_raw_frames(path: Path, images: np.ndarray) -> None:
+    """One Arrow IPC file per video in the raw-frame layout: column `frame`, base64 JPEG, row k = frame k."""
+    import base64
+    import io
+
+    from frames import require_pillow
+
+    Image = require_pillow()
+    cells = []
+    for pixels in images:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        cells.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    table = pa.table({"frame": pa.array(cells, type=pa.string())})
+    with pa.ipc.new_file(str(path), table.schema) as writer:
         writer.write_table(table)
 
 
@@ -550,11 +594,14 @@ def videos_per_split(num_videos: int | None) -> dict[str, int]:
     return {"train": num_train, "val": num_eval, "test": num_eval}
 
 
-def make_demo(out_dir, seed: int = 0, num_videos: int | None = None) -> dict:
+def make_demo(out_dir, seed: int = 0, num_videos: int | None = None, raw_frames: bool = False,
+              frame_size: int = 32) -> dict:
     """Write the demo dataset (SPEC §11) into `out_dir` and return a summary.
 
     `num_videos` is the number of train videos (val and test scale with it). Existing files with the same
-    names are overwritten; nothing else in `out_dir` is touched.
+    names are overwritten; nothing else in `out_dir` is touched. `raw_frames` also writes each video's frames
+    as `frame_size` px JPEG rows under frames/ (Pillow needed; byte-identical for one Pillow version) and
+    points the clips' frames_file there; the feature files are written either way.
 
     Returns {"out_dir", "seed", "fps", "feature_dim", "num_tokens_per_img", "max_seq_len", "model_dir",
     "features_dir", "vocab_size", "splits": {split: {"path", "videos", "clips", "frames"}}}.
@@ -564,6 +611,9 @@ def make_demo(out_dir, seed: int = 0, num_videos: int | None = None) -> dict:
     model_dir = out_dir / MODEL_DIR
     features_dir.mkdir(parents=True, exist_ok=True)
     model_dir.mkdir(parents=True, exist_ok=True)
+    frames_dir = out_dir / FRAMES_DIR
+    if raw_frames:
+        frames_dir.mkdir(parents=True, exist_ok=True)
 
     prototypes = make_prototypes(seed)
     counts = videos_per_split(num_videos)
@@ -581,7 +631,11 @@ def make_demo(out_dir, seed: int = 0, num_videos: int | None = None) -> dict:
             plan = plan_video(rng, video_uid, task_index)
             cls, patches = render_features(plan, prototypes, rng)
             write_features(features_dir / f"{video_uid}.arrow", cls, patches)
-            clips.extend(clip_records(plan, seed))
+            if raw_frames:
+                pixel_rng = np.random.default_rng([seed, FRAME_STREAM, SPLIT_CODES[split], index])
+                write_raw_frames(frames_dir / f"{video_uid}.arrow",
+                                 render_frame_images(plan, prototypes, pixel_rng, frame_size))
+            clips.extend(clip_records(plan, seed, FRAMES_DIR if raw_frames else FEATURES_DIR))
             num_frames += plan.num_frames
         split_path = out_dir / f"{split}.json"
         _write_json(split_path, clips)
@@ -598,6 +652,7 @@ def make_demo(out_dir, seed: int = 0, num_videos: int | None = None) -> dict:
         "max_seq_len": MAX_SEQ_LEN,
         "model_dir": str(model_dir),
         "features_dir": str(features_dir),
+        "frames_dir": str(frames_dir) if raw_frames else None,
         "vocab_size": len(tokenizer),
         "splits": summary_splits,
     }

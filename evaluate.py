@@ -40,8 +40,9 @@ from checkpoint import CheckpointError, load_for_inference, read_config, require
 from config import Config, ConfigError, load_config
 from data import (
     Clip, DataError, FrameEvents, FrameStore, Renderer, Step, Turn, apply_transition, event_frame, format_transitions,
-    group_turns, parse_transitions, state_trajectory, usable_clips,
+    group_turns, parse_transitions, raw_frame_reader, state_trajectory, usable_clips,
 )
+from frames import RawFrameReader, raw_video_features
 from demo import DATASET_NAME as DEMO_DATASET
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,12 +471,19 @@ def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
 
 
 def run_split(runner: Optional[StreamingRunner], videos: list[Video], store: FrameStore, thresholds: Thresholds,
-              oracle: bool, desc: str) -> list[list[FrameRecord]]:
-    """Stream every video; features are read one video at a time (memory-mapped), never the whole split."""
+              oracle: bool, desc: str, raw_frames: Optional[RawFrameReader] = None) -> list[list[FrameRecord]]:
+    """Stream every video; features are read one video at a time (memory-mapped), never the whole split.
+    With data.frames=raw the model's frozen vision tower makes them from the video's frames."""
     all_records = []
     for video in tqdm(videos, desc=desc, unit="video", dynamic_ncols=True):
-        feats = video_features(video, store, store.num_tokens_per_frame)  # also checks the oracle's files
-        all_records.append(oracle_records(video) if oracle else runner.run(video, feats, thresholds))
+        if oracle:
+            all_records.append(oracle_records(video))
+            continue
+        if raw_frames is None:
+            feats = video_features(video, store, store.num_tokens_per_frame)
+        else:
+            feats = raw_video_features(video.clips, raw_frames, runner.model.vision, runner.device, runner.autocast)
+        all_records.append(runner.run(video, feats, thresholds))
     return all_records
 
 
@@ -563,6 +571,7 @@ def evaluate(args) -> int:
     # Every clip parsed and every frame row checked before hours of streaming, under data.on_invalid_clip.
     # Token budgets do not apply: the stream renders whole videos and manages its own context.
     store = FrameStore.from_config(cfg)
+    raw_frames = raw_frame_reader(cfg, store) if cfg.data.frames == "raw" and not args.oracle else None
     clips, report = usable_clips(cfg, split, None, store)
     for line in report.lines():
         print(line, file=sys.stderr)
@@ -606,7 +615,7 @@ def evaluate(args) -> int:
             start = time.perf_counter()
             if runner:
                 runner.context_resets = 0  # the runner is reused across pairs; each pair reports its own count
-            all_records = run_split(runner, videos, store, th, args.oracle, f"stream speak>{s} dst>{d}")
+            all_records = run_split(runner, videos, store, th, args.oracle, f"stream speak>{s} dst>{d}", raw_frames)
             seconds = time.perf_counter() - start
             context_resets = runner.context_resets if runner else 0
             blocks, speak_matches = compute_metrics(videos, all_records, embed, th, cfg.eval.zero_cost_quirk)

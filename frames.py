@@ -15,8 +15,14 @@ nested lists of any list flavour, including extension types that plain pyarrow d
 from __future__ import annotations
 
 import base64
+import binascii
+import io
+import json
+import os
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -290,3 +296,325 @@ class FrameStore:
             raise DataError(f"{_where(clip)}: no 'frame' column")
         column = self.table(clip.frames_path).column("frame").slice(first_row, clip.num_frames)
         return [base64.b64decode(x) for x in column.to_pylist()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Raw frames for a VLM's own vision tower: JPEG decoding, the image processor's resizes, feature extraction
+#
+#     prep = FramePreprocessing.from_model_dir("models/SmolVLM2-256M-Video-Instruct")
+#     reader = RawFrameReader(store, prep); reader.pixels(clip)   # (num_frames, S, S, 3) uint8, in the loader
+#     extract_features(cfg, "features/smolvlm2")                 # python data.py extract-features CONFIG --out DIR
+#
+# The loader only decodes and resizes (Pillow, uint8: a 512 px frame is 0.75 MiB); rescaling, normalising and
+# the tower run on the model's device in chunks (model.FrameEncoder). Pillow is needed on this path only.
+
+PILLOW_INSTALL = "pip install -r requirements-frames.txt"
+MAX_IMAGE_SIDE = 4096  # the SmolVLM image processor's cap on the first resize
+
+
+def require_pillow():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ModuleNotFoundError(
+            f"decoding raw JPEG frames (data.frames=raw, extract-features, make-demo --raw-frames) needs Pillow: "
+            f"{PILLOW_INSTALL}"
+        ) from None
+    return Image
+
+
+def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """The SmolVLM image processor's first resize: longest edge to `longest_edge`, aspect kept, the other edge
+    rounded down then up to even, everything capped at MAX_IMAGE_SIDE."""
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > MAX_IMAGE_SIDE:
+        width, height = MAX_IMAGE_SIDE, int(MAX_IMAGE_SIDE / aspect)
+    elif height > width and height > MAX_IMAGE_SIDE:
+        height, width = MAX_IMAGE_SIDE, int(MAX_IMAGE_SIDE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+@dataclass(frozen=True)
+class FramePreprocessing:
+    """What a SmolVLM-family image processor does to one frame without image splitting, read from the model
+    directory's preprocessor_config.json:
+
+    1. RGB; resize the longest edge to `resize_longest_edge` (the video processor's `video_sampling.video_size`
+       where the file has one, as SmolVLM2 does for video frames; else `size`), with `resample`;
+    2. resize to a `image_size` square (the vision tower's input), with `resample`; both resizes give uint8;
+    3. x * rescale_factor in float64 -> float32, then (x - mean) / std in float32: `pixel_table` holds the
+       result for each of the 256 levels of each channel, so the device reproduces it exactly.
+    """
+
+    resize_longest_edge: int
+    image_size: int
+    resample: int  # a PIL filter number (1 = LANCZOS)
+    rescale_factor: float  # 1.0 when the processor does not rescale
+    image_mean: tuple[float, float, float]  # (0, 0, 0) and (1, 1, 1) when it does not normalise
+    image_std: tuple[float, float, float]
+
+    @classmethod
+    def from_model_dir(cls, path) -> "FramePreprocessing":
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            raise DataError(f"{file}: missing; data.frames=raw and extract-features need the VLM's image processor settings")
+        conf = json.loads(file.read_text())
+        try:
+            video_size = (conf.get("video_sampling") or {}).get("video_size") or {}
+            longest = video_size.get("longest_edge") or conf["size"]["longest_edge"]
+            image_size = conf["max_image_size"]["longest_edge"]
+        except (KeyError, TypeError):
+            raise DataError(f"{file}: expected size.longest_edge and max_image_size.longest_edge (a SmolVLM/Idefics3 processor)") from None
+        if not conf.get("do_resize", True):
+            raise DataError(f"{file}: do_resize is false; the vision tower needs {image_size} px squares")
+
+        def triple(key: str, default: float) -> tuple[float, float, float]:
+            value = conf.get(key, default)
+            return tuple(float(v) for v in (value if isinstance(value, list) else [value] * 3))
+
+        normalise = conf.get("do_normalize", True)
+        return cls(
+            resize_longest_edge=int(longest), image_size=int(image_size), resample=int(conf.get("resample", 1)),
+            rescale_factor=float(conf.get("rescale_factor", 1 / 255)) if conf.get("do_rescale", True) else 1.0,
+            image_mean=triple("image_mean", 0.5) if normalise else (0.0, 0.0, 0.0),
+            image_std=triple("image_std", 0.5) if normalise else (1.0, 1.0, 1.0),
+        )
+
+    def resize(self, image) -> np.ndarray:
+        """A PIL image -> (S, S, 3) uint8: the processor's two resizes (Pillow returns a copy when a size is unchanged)."""
+        image = image.convert("RGB")
+        height, width = longest_edge_size(image.height, image.width, self.resize_longest_edge)
+        image = image.resize((width, height), resample=self.resample)
+        image = image.resize((self.image_size, self.image_size), resample=self.resample)
+        return np.asarray(image, dtype=np.uint8)
+
+    def pixel_table(self) -> np.ndarray:
+        """(3, 256) float32: the processor's normalised value of each uint8 level, per channel."""
+        rescaled = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)  # (256,)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        return (rescaled[None, :] - mean) / std  # (3, 256) float32
+
+
+def decode_frames(values: list, preprocessing: FramePreprocessing, where: str, first_frame: int) -> np.ndarray:
+    """Base64 JPEG cells -> (n, S, S, 3) uint8; a bad cell is an error naming its absolute frame."""
+    Image = require_pillow()
+    out = np.empty((len(values), preprocessing.image_size, preprocessing.image_size, 3), dtype=np.uint8)
+    for i, value in enumerate(values):
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(value, validate=True))) as image:
+                out[i] = preprocessing.resize(image)
+        except (binascii.Error, TypeError, ValueError, OSError) as err:
+            raise DataError(f"{where}: frame {first_frame + i} is not a base64 JPEG ({type(err).__name__}: {err})") from None
+    return out
+
+
+class RawFrameReader:
+    """data.frames=raw: a clip's rows of the raw-frame layout (column `frame`, base64 JPEG, row k = frame k),
+    decoded and resized in the loader to uint8 at the vision tower's input size."""
+
+    def __init__(self, store: FrameStore, preprocessing: FramePreprocessing):
+        self.store = store
+        self.preprocessing = preprocessing
+
+    def _rows(self, clip: Clip, num_frames: int) -> list:
+        layout, first_row = self.store.layout(clip)
+        if layout != "raw":
+            raise DataError(
+                f"{clip.frames_path} (clip {clip.index} {clip.video_uid}): holds features (columns cls/2x2/3x3); "
+                f"data.frames=raw reads raw frames (a 'frame' column of base64 JPEG). Point data.features_path at "
+                f"the frame files, or set data.frames=features"
+            )
+        return self.store.table(clip.frames_path).column("frame").slice(first_row, num_frames).to_pylist()
+
+    def verify(self, clip: Clip) -> None:
+        """Validation: every frame of the clip decodes as an image (no resizing)."""
+        Image = require_pillow()
+        where = f"{clip.frames_path} (clip {clip.index} {clip.video_uid})"
+        for i, value in enumerate(self._rows(clip, clip.num_frames)):
+            try:
+                with Image.open(io.BytesIO(base64.b64decode(value, validate=True))) as image:
+                    image.load()
+            except (binascii.Error, TypeError, ValueError, OSError) as err:
+                raise DataError(f"{where}: frame {clip.start + i} is not a base64 JPEG ({type(err).__name__}: {err})") from None
+
+    def check(self, clip: Clip) -> None:
+        """Start-up check: file, layout, rows, and that the first frame decodes."""
+        where = f"{clip.frames_path} (clip {clip.index} {clip.video_uid})"
+        decode_frames(self._rows(clip, 1), self.preprocessing, where, clip.start)
+
+    def pixels(self, clip: Clip) -> np.ndarray:
+        """(num_frames, S, S, 3) uint8, the clip's frames in order."""
+        where = f"{clip.frames_path} (clip {clip.index} {clip.video_uid})"
+        return decode_frames(self._rows(clip, clip.num_frames), self.preprocessing, where, clip.start)
+
+
+def _fixed_cells(values: np.ndarray) -> pa.Array:
+    """(N, C, D) float16 -> fixed_size_list<fixed_size_list<float16, D>, C>, zero-copy."""
+    num_rows, cells, dim = values.shape
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+    return pa.FixedSizeListArray.from_arrays(inner, cells)
+
+
+def write_feature_file(path: Path, pooled: np.ndarray) -> None:
+    """(N, 14, D) pooled tokens -> the ProAssist per-video layout (`cls`, `2x2`, `3x3`, float16, row k = frame k),
+    written to a temporary name and renamed: an interrupted run never leaves a file that looks complete."""
+    from model import POOLED_COLUMNS
+
+    values = pooled.astype(np.float16)
+    table = pa.table({name: _fixed_cells(values[:, rows]) for name, rows in POOLED_COLUMNS.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.ipc.new_file(str(tmp), table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, path)
+
+
+def _feature_file_done(path: Path, rows: int, dim: int) -> bool:
+    """A finished extraction of at least `rows` frames of `dim`-d features (resume skips it)."""
+    if not path.is_file():
+        return False
+    try:
+        table = _open_arrow(path, str(path))
+        if set(table.column_names) != {"cls", "2x2", "3x3"} or table.num_rows < rows or table.num_rows == 0:
+            return False
+        _, per_row = _leaf_values(table.column("cls").slice(0, 1).combine_chunks(), 1, str(path), "cls", 0)
+    except DataError:
+        return False
+    return per_row == dim
+
+
+class _FrameChunks:
+    """DataLoader dataset: chunk i = frames [i * size, min((i + 1) * size, end)) of one raw-frame file, decoded
+    and resized in a worker process."""
+
+    def __init__(self, path: Path, end: int, size: int, preprocessing: FramePreprocessing, video_uid: str):
+        self.path, self.end, self.size, self.preprocessing, self.video_uid = path, end, size, preprocessing, video_uid
+        self.table = None  # opened (memory-mapped) in the worker
+
+    def __len__(self) -> int:
+        return (self.end + self.size - 1) // self.size
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.table is None:
+            self.table = _open_arrow(self.path, str(self.path))
+        first = i * self.size
+        values = self.table.column("frame").slice(first, min(self.size, self.end - first)).to_pylist()
+        return decode_frames(values, self.preprocessing, f"{self.path} (video {self.video_uid})", first)
+
+
+def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = None, num_workers: int = 2,
+                     progress: bool = True) -> dict:
+    """Run the VLM's frozen vision tower over every frame any clip of the config's splits needs, and write one
+    `{out_dir}/{dataset}/{video_uid}.arrow` per video (see write_feature_file). Resumable: a video whose file is
+    complete is skipped. Frames are read from each clip's `frames_file` (or the `frames_path` template, with the
+    fields of data.features_path). Returns a summary with the data.features_path to train with."""
+    import dataclasses
+
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from config import ConfigError
+    from data import load_split
+    from model import FROZEN_DTYPES, cast_frozen, frame_encoder_from_vlm, load_vlm
+    from train import choose_precision
+
+    require_pillow()
+    out_dir = Path(out_dir)
+    read_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features_path=frames_path))
+    videos: dict[tuple[str, str], list] = {}  # (dataset, video_uid) -> [frames file, frames needed]
+    errors = []
+    for split in ("train", "val", "test"):
+        if not getattr(cfg.data, split):  # a split left empty in the config (a missing file is an error below)
+            continue
+        clips, problems = load_split(read_cfg, split)
+        errors += [str(p) for p in problems if p.level == "ERROR"]
+        for clip in clips:
+            entry = videos.setdefault((clip.dataset, clip.video_uid), [clip.frames_path, 0])
+            if entry[0] != clip.frames_path:
+                errors.append(f"{clip.file}:clip {clip.index} ({clip.video_uid}): frames file {clip.frames_path} differs "
+                              f"from {entry[0]} of another clip of the same video")
+            entry[1] = max(entry[1], clip.end)
+    if errors:
+        raise DataError(f"{len(errors)} problem(s) in the clips; fix them first (python data.py validate):\n" + "\n".join(errors[:20]))
+    if not videos:
+        raise ConfigError("no clips found in the config's train/val/test split files")
+
+    source = cfg.model.vision_path or cfg.model.path
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    capability = torch.cuda.get_device_capability(torch_device) if torch_device.type == "cuda" else None
+    dtype, _, reason = choose_precision(cfg.train.precision, torch_device.type, capability)
+    encoder = frame_encoder_from_vlm(load_vlm(source, cfg.model.attn_implementation), source,
+                                     cfg.data.num_tokens_per_frame, cfg.model.vision_batch_frames)
+    if dtype != torch.float32:
+        # Stored as in training (model.frozen_dtype), so both paths compute the same numbers.
+        cast_frozen(encoder, FROZEN_DTYPES[cfg.model.frozen_dtype])
+    encoder.to(torch_device)
+    preprocessing = FramePreprocessing.from_model_dir(source)
+    autocast = torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if progress:
+        print(f"vision tower of {source} on {torch_device}, {dtype} ({reason}); {len(videos)} videos -> {out_dir}")
+
+    todo, skipped = [], 0
+    for (dataset, uid), (path, end) in sorted(videos.items()):
+        out = out_dir / dataset / f"{uid}.arrow"
+        if _feature_file_done(out, end, encoder.output_dim):
+            skipped += 1
+            continue
+        table = FrameStore(1, encoder.output_dim).table(path)
+        if "frame" not in table.column_names:
+            raise DataError(f"{path} (video {uid}): no 'frame' column (raw base64 JPEG frames); columns {table.column_names}")
+        rows = table.num_rows
+        if rows < end:
+            raise DataError(f"{path} (video {uid}): a clip needs frame {end - 1} but the file has {rows} rows")
+        todo.append((uid, path, end, out))
+    total = sum(end for _, _, end, _ in todo)
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="frame", desc="extract", disable=not progress, dynamic_ncols=True)
+    for uid, path, end, out in todo:
+        chunks = _FrameChunks(path, end, encoder.batch_frames, preprocessing, uid)
+        loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
+                            pin_memory=torch_device.type == "cuda")
+        pooled = []
+        for pixels in loader:  # (n, S, S, 3) uint8
+            with autocast:
+                pooled.append(encoder.pooled(pixels.to(torch_device, non_blocking=True)).to(torch.float16).cpu())
+            bar.update(len(pixels))
+        write_feature_file(out, torch.cat(pooled).numpy())
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "out_dir": str(out_dir), "videos": len(videos), "extracted": len(todo), "skipped": skipped, "frames": total,
+        "seconds": seconds, "frames_per_second": total / seconds if seconds > 0 and total else None,
+        "feature_dim": encoder.output_dim,
+        "features_path": str(out_dir / "{dataset}" / "{video_uid}.arrow"),
+    }
+
+
+def raw_video_features(clips: list, reader: RawFrameReader, encoder, device, autocast=None) -> np.ndarray:
+    """(num_frames, I, F) float32 features of a whole video (its clips in order, consecutive or overlapping)
+    from raw frames through the model's frozen tower, clip by clip: what evaluate.video_features reads from
+    feature files, for data.frames=raw. Pass the stream's autocast so the tower computes as in training."""
+    import contextlib
+
+    import torch
+
+    start, end = min(c.start for c in clips), max(c.end for c in clips)
+    out = np.zeros((end - start, encoder.num_tokens_per_frame, encoder.output_dim), dtype=np.float32)
+    for clip in clips:
+        pixels = torch.from_numpy(reader.pixels(clip)).to(device)  # (n, S, S, 3) uint8
+        with autocast if autocast is not None else contextlib.nullcontext():
+            rows = encoder(pixels)  # (n * I, F)
+        out[clip.start - start:clip.end - start] = rows.cpu().numpy().reshape(clip.num_frames, encoder.num_tokens_per_frame, -1)
+    return out

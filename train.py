@@ -126,7 +126,8 @@ def model_inputs(batch: dict, all_frames: bool = False) -> dict:
     attention mask (attention is causal). `all_frames` reads the heads at every decision position
     (validation, streaming comparisons)."""
     return dict(
-        input_ids=batch["input_ids"], frame_features=batch["frame_features"], text_rows=batch["text_rows"],
+        input_ids=batch["input_ids"], frame_features=batch["frame_features"], frame_pixels=batch.get("frame_pixels"),
+        text_rows=batch["text_rows"],
         head_rows=batch["decision_rows"] if all_frames else batch["head_rows"], text_targets=batch["text_targets"],
     )
 

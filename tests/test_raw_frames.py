@@ -1,0 +1,386 @@
+"""Raw frames through a VLM's frozen vision tower (SmolVLM2 family), on a tiny random SmolVLM and the demo's
+JPEG frames: preprocessing equal to the HF image processor, extraction into the feature layout (validated,
+resumable), and equal features and losses for `data.frames: raw` and extracted features; checkpoints of both
+kinds reload and stream."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+PIL = pytest.importorskip("PIL", reason="raw JPEG frames need Pillow (pip install -r requirements-frames.txt)")
+from PIL import Image  # noqa: E402
+
+import demo  # noqa: E402
+import losses  # noqa: E402
+import train  # noqa: E402
+from checkpoint import load_for_inference, load_model_tensors, save_checkpoint  # noqa: E402
+from config import load_config  # noqa: E402
+from data import ClipDataset, DataError, Renderer, collate, load_split, load_tokenizer  # noqa: E402
+from data import main as data_main  # noqa: E402
+from evaluate import StreamingRunner, Thresholds, assemble_videos, video_features  # noqa: E402
+from frames import (  # noqa: E402
+    FramePreprocessing, FrameStore, RawFrameReader, extract_features, raw_video_features, require_pillow,
+)
+from model import (  # noqa: E402
+    FrameEncoder, build_model, load_vlm, model_state_for_checkpoint, pooled_tokens,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAME_SIZE = 32  # the demo's raw frames and the tiny tower's input
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=FRAME_SIZE, patch_size=4)  # 8x8 patches -> scale 2 -> a 4x4 token grid
+TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+
+
+def write_tiny_vlm(out: Path, tokenizer_dir: Path, preprocessor: dict | None = None, seed: int = 0,
+                   tie_word_embeddings: bool = False) -> Path:
+    """A random SmolVLM2-style model directory: weights, tokenizer, preprocessor_config.json.
+
+    Its tokenizer is the demo's with SmolVLM2's kind of added tokens: `<image>` already inside the vocabulary
+    (and the embedding matrix), eos `<end_of_utterance>`, pad a different token (no `<pad>` gets added).
+    """
+    from transformers import AutoTokenizer, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]})
+    tokenizer.eos_token = "<end_of_utterance>"
+    config = SmolVLMConfig(
+        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer)), vision_config=TINY_VISION, scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    preprocessor = preprocessor or {
+        "image_processor_type": "SmolVLMImageProcessor", "do_image_splitting": False, "resample": 1,
+        "size": {"longest_edge": 2 * FRAME_SIZE}, "max_image_size": {"longest_edge": FRAME_SIZE},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("raw_demo")
+    demo.make_demo(out, seed=0, num_videos=3, raw_frames=True, frame_size=FRAME_SIZE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(raw_demo, tmp_path_factory) -> Path:
+    return write_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"), raw_demo / "model")
+
+
+def vlm_cfg(raw_demo: Path, tiny_vlm: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"data.root={raw_demo}", f"model.path={tiny_vlm}", "model.init=pretrained", "model.trainable=lora",
+        "model.lora_rank=4", "model.lora_alpha=8", "data.num_workers=0", "data.feature_dim=64",
+        "model.vision_batch_frames=7", "train.eval_every=0", "train.log_every=1", "optim.warmup_steps=1",
+        "train.micro_batch=2", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def extracted(raw_demo, tiny_vlm, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("extracted")
+    extract_features(vlm_cfg(raw_demo, tiny_vlm), out, num_workers=0, progress=False)
+    return out
+
+
+def features_overrides(extracted: Path) -> list[str]:
+    return ["data.frames=features", f"data.features_path={extracted}/{{dataset}}/{{video_uid}}.arrow"]
+
+
+def jpeg_cell(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing and pooling
+
+
+@pytest.mark.parametrize("height, width, video_size", [(48, 40, None), (30, 52, None), (48, 40, 32)])
+def test_preprocessing_equals_the_hf_image_processor(tmp_path, height, width, video_size):
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    conf = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}, "resample": 1,
+            "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.25], "rescale_factor": 1 / 255}
+    if video_size:  # SmolVLM2 resizes video frames to video_sampling.video_size first, as its video processor does
+        conf["video_sampling"] = {"fps": 1, "video_size": {"longest_edge": video_size}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(conf))
+    prep = FramePreprocessing.from_model_dir(tmp_path)
+    assert prep.resize_longest_edge == (video_size or 64) and prep.image_size == 32
+
+    rng = np.random.default_rng(0)
+    cells = [jpeg_cell(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(3)]
+    from frames import decode_frames
+    pixels = decode_frames(cells, prep, "test", 0)  # (3, 32, 32, 3) uint8
+    encoder = FrameEncoder(load_tiny_tower(), torch.nn.Identity(), prep.pixel_table(), 1)
+    ours = encoder.normalise(torch.from_numpy(pixels)).numpy()  # (3, 3, 32, 32)
+
+    processor = SmolVLMImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": prep.resize_longest_edge}, max_image_size={"longest_edge": 32},
+        resample=1, image_mean=conf["image_mean"], image_std=conf["image_std"], rescale_factor=1 / 255,
+    )
+    images = [Image.open(io.BytesIO(base64.b64decode(c))) for c in cells]
+    theirs = processor(images=[[im] for im in images], return_tensors="np")["pixel_values"][:, 0]  # (3, 3, 32, 32)
+    assert ours.dtype == theirs.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def load_tiny_tower():
+    from transformers import SmolVLMVisionConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
+
+    return SmolVLMVisionTransformer(SmolVLMVisionConfig(**TINY_VISION))
+
+
+def test_pooled_tokens_are_means_over_the_token_grid():
+    tokens = torch.randn(2, 16, 3)  # a 4x4 grid, row-major
+    pooled = pooled_tokens(tokens)  # (2, 14, 3)
+    grid = tokens.view(2, 4, 4, 3)
+    assert torch.allclose(pooled[:, 0], tokens.mean(1))
+    top_right = grid[:, 0:2, 2:4].reshape(2, 4, 3).mean(1)  # 2x2 cell (row 0, col 1)
+    assert torch.allclose(pooled[:, 2], top_right)
+    # 3x3 over 4 tokens: adaptive windows [0,2), [1,3), [2,4)
+    assert torch.allclose(pooled[:, 5 + 4], grid[:, 1:3, 1:3].reshape(2, 4, 3).mean(1))  # centre cell
+    with pytest.raises(ValueError, match="square grid"):
+        pooled_tokens(torch.randn(1, 12, 3))
+
+
+def test_frame_encoder_runs_the_vlm_tower_and_connector(raw_demo, tiny_vlm):
+    """The encoder's tokens are the VLM's own image features (vision encoder + connector) of the same pixels."""
+    vlm = load_vlm(tiny_vlm).eval()
+    prep = FramePreprocessing.from_model_dir(tiny_vlm)
+    encoder = FrameEncoder(vlm.model.vision_model, vlm.model.connector, prep.pixel_table(), 5, batch_frames=3)
+    store = FrameStore(1, 64)
+    clip = load_split(vlm_cfg(raw_demo, tiny_vlm), "train")[0][0]
+    pixels = torch.from_numpy(RawFrameReader(store, prep).pixels(clip)[:7])
+    with torch.no_grad():
+        reference = vlm.model.get_image_features(encoder.normalise(pixels)[:, None]).pooler_output  # 7 x (16, 64)
+    expected = pooled_tokens(torch.stack(list(reference)))[:, :5]  # cls + 2x2
+    got = encoder(pixels).view(7, 5, 64)
+    assert torch.allclose(got, expected.half().float())  # rounded to float16, like the feature files
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.training and not encoder.vision_model.training
+    with pytest.raises(ValueError, match="uint8"):
+        encoder(pixels.float())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Demo raw frames, extraction, validation
+
+
+def test_make_demo_raw_frames_carry_the_task(raw_demo):
+    """Each raw frame shows its phase's prototype: the 8x8 cell means of a decoded frame are nearest to the
+    prototype of the frame's true phase (the task stays learnable from pixels)."""
+    clips = json.loads((raw_demo / "train.json").read_text())
+    assert all(c["frames_file"].startswith("frames/") for c in clips)
+    uid = clips[0]["video_uid"]  # the first training video: index 0 of the train split
+    task_index = [t.slug for t in demo.TASKS].index(clips[0]["metadata"]["task"])
+    plan = demo.plan_video(np.random.default_rng([0, demo.VIDEO_STREAM, demo.SPLIT_CODES["train"], 0]), uid, task_index)
+    table = pa.ipc.open_file(str(raw_demo / "frames" / f"{uid}.arrow")).read_all()
+    assert table.column_names == ["frame"] and table.num_rows == plan.num_frames
+    assert pa.ipc.open_file(str(raw_demo / "features" / f"{uid}.arrow")).read_all().num_rows == plan.num_frames
+
+    prototypes = demo.make_prototypes(0)
+    rows = [prototypes.row(task_index, p) for p in range(len(plan.task.steps) + 2)]
+    references = np.stack([np.stack([prototypes.cls[r], *prototypes.patches[r, :2]])[:, :64] for r in rows])  # (P, 3, 64)
+    nearest = []
+    for value in table.column("frame").to_pylist():
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(value))), dtype=np.float64)  # (32, 32, 3)
+        cells = image.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3)).transpose(2, 0, 1).reshape(3, 64)
+        values = (cells - demo.PIXEL_MID) / demo.PIXEL_SCALE
+        nearest.append(int(np.argmin(((references - values) ** 2).sum(axis=(1, 2)))))
+    assert nearest == plan.phases.tolist()
+
+
+def test_extract_features_writes_the_feature_layout_validates_and_resumes(raw_demo, tiny_vlm, extracted, capsys):
+    cfg = vlm_cfg(raw_demo, tiny_vlm)
+    clips = {c.video_uid: c for split in ("train", "val", "test") for c in load_split(cfg, split)[0]}
+    files = sorted((extracted / "demo").glob("*.arrow"))
+    assert {f.stem for f in files} == set(clips) and not list(extracted.rglob("*.tmp"))
+    table = pa.ipc.open_file(str(files[0])).read_all()
+    assert table.column_names == ["cls", "2x2", "3x3"]
+    assert str(table.schema.field("cls").type) == "fixed_size_list<item: fixed_size_list<item: halffloat>[64]>[1]"
+    raw_rows = pa.ipc.open_file(str(raw_demo / "frames" / files[0].name)).read_all().num_rows
+    assert table.num_rows == max(c.end for c in clips.values() if c.video_uid == files[0].stem) == raw_rows
+
+    for I in (1, 5, 10):  # the output passes validation for every token budget (I = 10 only overflows the demo's 1024)
+        code = data_main(["validate", str(ROOT / "configs" / "demo.yaml"), f"data.root={raw_demo}",
+                          f"model.path={tiny_vlm}", "data.feature_dim=64", f"data.num_tokens_per_frame={I}",
+                          "data.max_seq_len=2048", *features_overrides(extracted)])
+        assert code == 0, capsys.readouterr().out
+    assert "0 error(s)" in capsys.readouterr().out
+
+    # Resume: complete files are skipped; a missing one is redone, byte for byte the same.
+    before = files[0].read_bytes()
+    files[0].unlink()
+    summary = extract_features(cfg, extracted, num_workers=0, progress=False)
+    assert summary["extracted"] == 1 and summary["skipped"] == len(files) - 1
+    assert files[0].read_bytes() == before
+    assert summary["features_path"] == f"{extracted}/{{dataset}}/{{video_uid}}.arrow" and summary["feature_dim"] == 64
+
+
+def test_extract_features_cli(raw_demo, tiny_vlm, tmp_path, capsys):
+    code = data_main(["extract-features", str(ROOT / "configs" / "demo.yaml"), f"data.root={raw_demo}",
+                      f"model.path={tiny_vlm}", "data.test=", "data.val=", "--out", str(tmp_path), "--workers", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "data.features_path=" in out and "data.feature_dim=64" in out
+    assert len(list((tmp_path / "demo").glob("*.arrow"))) == 3  # the three training videos only
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training on raw frames and on extracted features: the same numbers
+
+
+def loss_steps(cfg, tokenizer, steps: int = 3) -> tuple[list[float], torch.nn.Module, ClipDataset]:
+    """Train `steps` AdamW steps the way train.py does (global target counts, clipping), on fixed batches."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, tokenizer).train()
+    dataset = ClipDataset(cfg, "train", tokenizer)
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.0), lr=3e-3)
+    results = []
+    for step in range(steps):
+        picks = [(2 * step) % len(dataset), (2 * step + 1) % len(dataset)]
+        batch = collate([dataset.item(i, 0, 0.5) for i in picks], dataset.renderer.pad_id)
+        counts = losses.count_targets(batch)
+        outputs = model(**train.model_inputs(batch), **({"frame_pixels": batch["frame_pixels"]} if "frame_pixels" in batch else {}))
+        loss, _ = losses.compute_loss(outputs, batch, counts, cfg.loss)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        results.append(float(loss.detach()))
+    return results, model, dataset
+
+
+def test_raw_frames_and_extracted_features_give_equal_features_and_losses(raw_demo, tiny_vlm, extracted):
+    raw_cfg = vlm_cfg(raw_demo, tiny_vlm, "data.frames=raw", "data.num_tokens_per_frame=5")
+    feat_cfg = vlm_cfg(raw_demo, tiny_vlm, "data.num_tokens_per_frame=5", *features_overrides(extracted))
+    tokenizer = load_tokenizer(tiny_vlm)
+    raw_losses, raw_model, raw_set = loss_steps(raw_cfg, tokenizer)
+    feat_losses, feat_model, feat_set = loss_steps(feat_cfg, tokenizer)
+    for i in range(len(raw_set)):  # every clip: the online tower gives exactly the extracted file's rows
+        online = raw_model.vision(torch.from_numpy(raw_set.item(i)["frame_pixels"])).numpy()
+        np.testing.assert_array_equal(online, feat_set.item(i)["frame_features"])
+    assert raw_losses == feat_losses, (raw_losses, feat_losses)
+    assert raw_losses[-1] < raw_losses[0]
+    assert raw_model.vision is not None and feat_model.vision is None
+
+
+def test_raw_frames_need_raw_files_and_good_jpegs(raw_demo, tiny_vlm, extracted, tmp_path):
+    tokenizer = load_tokenizer(tiny_vlm)
+    with pytest.raises(DataError, match="data.frames=raw reads raw frames"):
+        ClipDataset(vlm_cfg(raw_demo, tiny_vlm, "data.frames=raw", *features_overrides(extracted)[1:]), "train", tokenizer)
+    with pytest.raises(DataError, match="holds raw frames"):  # the features path refuses raw files, as before
+        ClipDataset(vlm_cfg(raw_demo, tiny_vlm), "train", tokenizer)
+    with pytest.raises(ValueError, match="data.feature_dim=64"):
+        build_model(vlm_cfg(raw_demo, tiny_vlm, "data.frames=raw", "data.feature_dim=1152"), tokenizer)
+
+    # A corrupt JPEG in the middle of a clip: validation names the file, clip and frame.
+    cfg = vlm_cfg(raw_demo, tiny_vlm, "data.frames=raw")
+    clip = load_split(cfg, "train")[0][0]
+    cells = pa.ipc.open_file(str(clip.frames_path)).read_all().column("frame").to_pylist()
+    cells[clip.start + 3] = base64.b64encode(b"not a jpeg").decode()
+    bad = tmp_path / "bad.arrow"
+    with pa.ipc.new_file(str(bad), pa.schema([("frame", pa.string())])) as writer:
+        writer.write_table(pa.table({"frame": cells}))
+    reader = RawFrameReader(FrameStore(1, 64), FramePreprocessing.from_model_dir(tiny_vlm))
+    clip.frames_path = bad
+    reader.check(clip)  # the first frame is fine
+    with pytest.raises(DataError, match=rf"bad.arrow \(clip 0 {clip.video_uid}\): frame {clip.start + 3} is not a base64 JPEG"):
+        reader.verify(clip)
+
+
+def test_pillow_missing_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(ModuleNotFoundError, match="requirements-frames.txt"):
+        require_pillow()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints of both kinds reload and stream
+
+
+def stream_one_video(model, tokenizer, cfg, feats_fn) -> list:
+    clips, _ = load_split(cfg, "test")
+    video = assemble_videos(clips)[0]
+    runner = StreamingRunner(model, Renderer(tokenizer, cfg.data.num_tokens_per_frame), cfg, torch.device("cpu"))
+    records = runner.run(video, feats_fn(video), Thresholds(0.5, 0.5))
+    assert [r.frame for r in records] == list(range(video.start, video.end))
+    return records
+
+
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_raw_frames_checkpoint_reloads_and_streams(raw_demo, tiny_vlm, tmp_path, trainable):
+    cfg = vlm_cfg(raw_demo, tiny_vlm, "data.frames=raw", f"model.trainable={trainable}", f"run.dir={tmp_path}")
+    tokenizer = load_tokenizer(tiny_vlm)
+    _, model, dataset = loss_steps(cfg, tokenizer, steps=2)
+    tensors = model_state_for_checkpoint(model, cfg)
+    assert tensors and not any(name.startswith("vision.") for name in tensors)  # the tower comes from model.path
+    rng = ({"torch": torch.get_rng_state()}, {"python": [3, [0] * 625, None], "numpy": np.random.get_state(legacy=False)})
+    rng[1]["numpy"]["state"]["key"] = rng[1]["numpy"]["state"]["key"].tolist()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ckpt = save_checkpoint(tmp_path, 2, tensors, optimizer, {"step": 2}, cfg, tokenizer, model.backbone.config, [rng], 2)
+    assert set(load_model_tensors(ckpt)) == set(tensors)
+
+    reloaded, tokenizer2, cfg2 = load_for_inference(ckpt)
+    model.eval()
+    batch = collate([dataset.item(0), dataset.item(1)], dataset.renderer.pad_id)
+    inputs = dict(train.model_inputs(batch, all_frames=True), frame_pixels=batch["frame_pixels"])
+    with torch.no_grad():
+        expected, got = model(**inputs), reloaded(**inputs)
+    for key in ("text_logits", "speak_logits", "dst_logits"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    reader = RawFrameReader(FrameStore(1, 64), FramePreprocessing.from_model_dir(tiny_vlm))
+    stream_one_video(reloaded, tokenizer2, cfg2,
+                     lambda video: raw_video_features(video.clips, reader, reloaded.vision, torch.device("cpu")))
+
+
+def test_extracted_features_checkpoint_trains_with_train_py_reloads_and_streams(raw_demo, tiny_vlm, extracted, tmp_path):
+    cfg = vlm_cfg(raw_demo, tiny_vlm, *features_overrides(extracted), f"run.dir={tmp_path}", "train.max_steps=3",
+                  "train.save_every=3")
+    result = train.train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    model, tokenizer, cfg2 = load_for_inference(result["checkpoint"])
+    assert model.vision is None
+    store = FrameStore(cfg2.data.num_tokens_per_frame, cfg2.data.feature_dim)
+    stream_one_video(model, tokenizer, cfg2, lambda video: video_features(video, store, cfg2.data.num_tokens_per_frame))
+
+
+def raw_training_wired() -> bool:
+    batch = {"input_ids": None, "frame_features": None, "attention_mask": None, "has_padding": False,
+             "text_rows": None, "head_rows": None, "decision_rows": None, "frame_pixels": "x"}
+    return "frame_pixels" in train.model_inputs(batch)
+
+
+@pytest.mark.skipif(not raw_training_wired(), reason="train.model_inputs does not pass batch['frame_pixels'] yet")
+def test_train_py_trains_on_raw_frames(raw_demo, tiny_vlm, extracted, tmp_path):
+    """The real training loop on raw frames logs the same losses as on the extracted features."""
+    runs = {}
+    for name, overrides in (("raw", ["data.frames=raw"]), ("features", features_overrides(extracted))):
+        run_dir = tmp_path / name
+        cfg = vlm_cfg(raw_demo, tiny_vlm, *overrides, f"run.dir={run_dir}", "train.max_steps=3", "train.save_every=3")
+        runs[name] = train.train(cfg)
+        runs[name]["losses"] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert runs["raw"]["losses"] == runs["features"]["losses"]
+    model, tokenizer, cfg = load_for_inference(runs["raw"]["checkpoint"])
+    reader = RawFrameReader(FrameStore(1, 64), FramePreprocessing.from_model_dir(tiny_vlm))
+    stream_one_video(model, tokenizer, cfg, lambda video: raw_video_features(video.clips, reader, model.vision, "cpu"))
