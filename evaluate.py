@@ -38,11 +38,12 @@ from report import markdown_summary, write_report
 from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config, require_checkpoint
 from config import Config, ConfigError, load_config
-from data import (
-    Clip, DataError, FrameEvents, FrameStore, Renderer, Step, Turn, apply_transition, event_frame, format_transitions,
-    group_turns, parse_transitions, raw_frame_reader, state_trajectory, usable_clips,
+from clips import (
+    Clip, FrameEvents, Step, Turn, apply_transition, event_frame, format_transitions, group_turns, parse_transitions,
+    state_trajectory,
 )
-from frames import RawFrameReader, raw_video_features
+from data import Renderer, raw_frame_reader, usable_clips
+from frames import DataError, FrameStore, RawFrameReader, raw_video_features
 from demo import DATASET_NAME as DEMO_DATASET
 
 # ----------------------------------------------------------------------------------------------------

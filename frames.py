@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from config import Config
-    from data import Clip
+    from clips import Clip
 
 # Feature columns of the ProAssist layout, in the order their tokens are fed (cls first, patches row-major).
 FEATURE_COLUMNS = {1: ("cls",), 5: ("cls", "2x2"), 10: ("cls", "3x3")}
@@ -306,7 +306,7 @@ class FrameStore:
 #     extract_features(cfg, "features/smolvlm2")                 # python data.py extract-features CONFIG --out DIR
 #
 # The loader only decodes and resizes (Pillow, uint8: a 512 px frame is 0.75 MiB); rescaling, normalising and
-# the tower run on the model's device in chunks (model.FrameEncoder). Pillow is needed on this path only.
+# the tower run on the model's device in chunks (backbones.FrameEncoder). Pillow is needed on this path only.
 
 PILLOW_INSTALL = "pip install -r requirements-frames.txt"
 MAX_IMAGE_SIDE = 4096  # the SmolVLM image processor's cap on the first resize
@@ -469,7 +469,7 @@ def _fixed_cells(values: np.ndarray) -> pa.Array:
 def write_feature_file(path: Path, pooled: np.ndarray) -> None:
     """(N, 14, D) pooled tokens -> the ProAssist per-video layout (`cls`, `2x2`, `3x3`, float16, row k = frame k),
     written to a temporary name and renamed: an interrupted run never leaves a file that looks complete."""
-    from model import POOLED_COLUMNS
+    from backbones import POOLED_COLUMNS
 
     values = pooled.astype(np.float16)
     table = pa.table({name: _fixed_cells(values[:, rows]) for name, rows in POOLED_COLUMNS.items()})
@@ -526,8 +526,9 @@ def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = N
     from tqdm import tqdm
 
     from config import ConfigError
-    from data import load_split
-    from model import FROZEN_DTYPES, cast_frozen, frame_encoder_from_vlm, load_vlm
+    from clips import load_split
+    from backbones import frame_encoder_from_vlm, load_vlm
+    from model import FROZEN_DTYPES, cast_frozen
     from train import choose_precision
 
     require_pillow()

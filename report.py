@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import metrics
-from data import STATES, FrameEvents, apply_transition, format_transitions
+from clips import STATES, FrameEvents, apply_transition, format_transitions
 from plots import DST_COLOR, SPEAK_COLOR, format_tick, nice_ticks
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ import torch
 import evaluate
 from checkpoint import load_for_inference
 from config import load_config
-from data import FrameStore, Renderer, load_split, load_tokenizer
+from clips import load_split
+from data import FrameStore, Renderer, load_tokenizer
 from model import configure_attention
 
 CACHE_BINS = 512  # frames/s is reported per bin of this many cached positions

@@ -33,7 +33,8 @@ import train
 from config import load_config
 from data import IGNORE, load_tokenizer
 from frames import FramePreprocessing, _FrameChunks, decode_frames, require_pillow
-from model import assemble, cast_frozen, flops_per_token, frame_encoder_from_vlm, param_groups, vlm_text_backbone
+from backbones import frame_encoder_from_vlm, vlm_text_backbone
+from model import assemble, cast_frozen, flops_per_token, param_groups
 
 VISION_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                    image_size=512, patch_size=16)  # SigLIP-B/16 at 512 px, as in SmolVLM2-256M / 500M
@@ -107,7 +108,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def bench_extraction(model_dir: Path, frames_path: Path, cells: list[str], cfg, device, dtype, workers: int) -> dict:
-    from model import load_vlm
+    from backbones import load_vlm
 
     preprocessing = FramePreprocessing.from_model_dir(model_dir)
     encoder = frame_encoder_from_vlm(load_vlm(model_dir), model_dir, 1, cfg.model.vision_batch_frames)
@@ -178,7 +179,7 @@ def synthetic_batch(seq_len: int, micro_batch: int, vocab: int, image_id: int, s
 
 
 def bench_training(model_dir: Path, cfg, device, dtype, use_scaler, steps: int, seq_len: int) -> dict:
-    from model import load_vlm
+    from backbones import load_vlm
 
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import clips
 import data
 from config import ConfigError, load_config
 from conftest import ROOT, write_proassist_features
@@ -48,38 +49,38 @@ def sample_setup(tmp_path, sample_clip, tokenizer_dir):
 
 def test_event_frame_rule_examples():
     # The S1 start at 97.2 s is attached to frame 193 (frames up to 193 seen: 193/2 = 96.5 s).
-    assert data.event_frame(97.2, 2, 193, 451) == 193
-    assert data.event_frame(225.2, 2, 193, 451) == 449
+    assert clips.event_frame(97.2, 2, 193, 451) == 193
+    assert clips.event_frame(225.2, 2, 193, 451) == 449
     # A turn exactly on a frame boundary: t = 100.0 -> floor(200) - 1 = 199 (float noise absorbed by 1e-6).
-    assert data.event_frame(100.0, 2, 0, 1000) == 199
-    assert data.event_frame(0.1 * 3 * 10 / 3, 2, 0, 100) == 1  # 1.0000000000000002 s -> frame 1
+    assert clips.event_frame(100.0, 2, 0, 1000) == 199
+    assert clips.event_frame(0.1 * 3 * 10 / 3, 2, 0, 100) == 1  # 1.0000000000000002 s -> frame 1
     # Clip starting mid-video: a turn right at its start (u = start - 1) is clamped onto the first frame...
-    assert data.event_frame(50.0, 2, 100, 200) == 100  # u = 99
+    assert clips.event_frame(50.0, 2, 100, 200) == 100  # u = 99
     # ... and the last frame takes a turn at end / fps.
-    assert data.event_frame(100.0, 2, 100, 200) == 199
+    assert clips.event_frame(100.0, 2, 100, 200) == 199
     # Anything further outside is an error, never silently moved.
     with pytest.raises(data.DataError):
-        data.event_frame(49.5, 2, 100, 200)  # u = 98
+        clips.event_frame(49.5, 2, 100, 200)  # u = 98
     with pytest.raises(data.DataError):
-        data.event_frame(100.5, 2, 100, 200)  # u = 200
+        clips.event_frame(100.5, 2, 100, 200)  # u = 200
 
 
 def test_initial_state_mid_video_clip():
-    steps = [data.Step("S1", "a", 10.0, 20.0), data.Step("S2", "b", 20.0, 60.0), data.Step("S3", "c", 60.0, 80.0)]
+    steps = [clips.Step("S1", "a", 10.0, 20.0), clips.Step("S2", "b", 20.0, 60.0), clips.Step("S3", "c", 60.0, 80.0)]
     # Clip 1 starts at frame 80 (40 s): S1 ended before it, S2 is running, S3 is in the future.
-    assert data.initial_state(steps, 80, 2) == {"S1": "completed", "S2": "in_progress", "S3": "not_started"}
+    assert clips.initial_state(steps, 80, 2) == {"S1": "completed", "S2": "in_progress", "S3": "not_started"}
     # An event at u = start - 1 belongs to the clip: a step starting exactly there is not_started at the start.
-    assert data.initial_state(steps, 41, 2)["S2"] == "in_progress"
-    assert data.initial_state(steps, 40, 2)["S2"] == "not_started"  # u(20.0) = 39 = start - 1
+    assert clips.initial_state(steps, 41, 2)["S2"] == "in_progress"
+    assert clips.initial_state(steps, 40, 2)["S2"] == "not_started"  # u(20.0) = 39 = start - 1
 
 
 def test_parse_and_format_transitions():
-    assert data.format_transitions([("S1", "complete"), ("S2", "start")]) == "S1->complete, S2->start"
-    assert data.parse_transitions("S1->complete, S2->start") == [("S1", "complete"), ("S2", "start")]
-    assert data.parse_transitions("S1 complete") is None
+    assert clips.format_transitions([("S1", "complete"), ("S2", "start")]) == "S1->complete, S2->start"
+    assert clips.parse_transitions("S1->complete, S2->start") == [("S1", "complete"), ("S2", "start")]
+    assert clips.parse_transitions("S1 complete") is None
     state = {"S1": "not_started"}
-    assert "illegal" in data.apply_transition(state, "S1", "complete")
-    assert data.apply_transition(state, "S1", "start") is None and state["S1"] == "in_progress"
+    assert "illegal" in clips.apply_transition(state, "S1", "complete")
+    assert clips.apply_transition(state, "S1", "start") is None and state["S1"] == "in_progress"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,8 +138,8 @@ def test_sample_clip_blocks(sample_setup):
 
 
 def test_system_prompt_pinned(sample_clip):
-    steps = [data.Step(s["id"], s["name"], s["start_ts"], s["end_ts"]) for s in sample_clip["dst"]]
-    state = data.initial_state(steps, 193, 2)
+    steps = [clips.Step(s["id"], s["name"], s["start_ts"], s["end_ts"]) for s in sample_clip["dst"]]
+    state = clips.initial_state(steps, 193, 2)
     text = data.system_prompt_text(sample_clip["conversation"][0]["content"], steps, state)
     assert text == (
         "You are a helpful and proactive assistant. Always be ready to assist and provide useful information ahead of time.\n"
@@ -161,8 +162,8 @@ def test_later_clip_prompt_never_leaks_future_state(tmp_path, sample_clip, token
     # The builder's (wrong) end-of-clip state in the file must not be used.
     clip1["initial_dst_state"] = {f"S{i}": "completed" for i in range(1, 7)}
     convo = clip0["conversation"]
-    clip0["conversation"] = [t for t in convo if "time" not in t or data.unclamped_frame(t["time"], 2) < 300]
-    clip1["conversation"] = [convo[0]] + [t for t in convo if "time" in t and data.unclamped_frame(t["time"], 2) >= 299]
+    clip0["conversation"] = [t for t in convo if "time" not in t or clips.unclamped_frame(t["time"], 2) < 300]
+    clip1["conversation"] = [convo[0]] + [t for t in convo if "time" in t and clips.unclamped_frame(t["time"], 2) >= 299]
     cfg = make_split(tmp_path, [clip0, clip1], tokenizer_dir)
     problems = data.validate(cfg, ["train"])
     assert any("initial_dst_state disagrees" in p.message and p.level == "WARNING" for p in problems)
@@ -179,7 +180,7 @@ def test_later_clip_prompt_never_leaks_future_state(tmp_path, sample_clip, token
         prompt_state = dict(state)
         for turn in sorted((t for t in clip.turns if t.role == "DST_UPDATE"), key=lambda t: (t.frame, t.index)):
             for step_id, transition in turn.content:
-                assert data.apply_transition(state, step_id, transition) is None
+                assert clips.apply_transition(state, step_id, transition) is None
                 # the step's state after this update differs from what the prompt claimed
                 assert prompt_state[step_id] != state[step_id]
         prompt = tokenizer.decode(dataset.renderer.render(clip).input_ids[:400])
@@ -220,7 +221,7 @@ def test_proassist_layout_rows_are_absolute_frames(tmp_path, sample_clip, I, col
     write_proassist_features(path, 60, dim=8, columns=columns, nested=nested)
     table = pa.ipc.open_file(str(path)).read_all()
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=8", f"data.num_tokens_per_frame={I}"])
-    parsed, problems = data.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
+    parsed, problems = clips.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
     assert parsed is not None, problems
     # "f.arrow" is named after no video and, at I = 1, holds only cls: declared per-video, else it is ambiguous.
     store = data.FrameStore(I, 8, frames_layout="per_video")
@@ -239,7 +240,7 @@ def test_per_clip_layout_with_start_offset(tmp_path, sample_clip):
     with pa.ipc.new_stream(str(tmp_path / "clip.arrow"), table.schema) as writer:  # stream format too
         writer.write_table(table)
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
-    parsed, _ = data.parse_clip({**clip, "frames_file": "clip.arrow"}, "x.json", 0, cfg)
+    parsed, _ = clips.parse_clip({**clip, "frames_file": "clip.arrow"}, "x.json", 0, cfg)
     store = data.FrameStore(1, 4)
     assert store.layout(parsed) == ("per_clip", 0)
     np.testing.assert_array_equal(store.features(parsed), values.astype(np.float32))
@@ -253,7 +254,7 @@ def test_raw_frame_layout(tmp_path, sample_clip):
     with pa.ipc.new_file(str(tmp_path / "raw.arrow"), table.schema) as writer:
         writer.write_table(table)
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
-    parsed, _ = data.parse_clip({**clip, "frames_file": "raw.arrow"}, "x.json", 0, cfg)
+    parsed, _ = clips.parse_clip({**clip, "frames_file": "raw.arrow"}, "x.json", 0, cfg)
     store = data.FrameStore(1, 4)
     assert store.layout(parsed) == ("raw", 2)
     assert store.raw_frames(parsed) == jpegs[2:5]
@@ -265,7 +266,7 @@ def test_short_ambiguous_file_is_an_error(tmp_path, sample_clip):
     clip = _clip_with(sample_clip, 40, 50)
     write_proassist_features(tmp_path / "f.arrow", 45, dim=4)  # neither >= 50 rows nor exactly 10
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
-    parsed, _ = data.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
+    parsed, _ = clips.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
     with pytest.raises(data.DataError, match=r"needs frame 49 but the file has 45 rows"):
         data.FrameStore(1, 4).features(parsed)
 
@@ -578,7 +579,7 @@ def test_fixed_size_and_extension_typed_columns(tmp_path, sample_clip, registere
             pa.unregister_extension_type(ext.extension_name)
     try:
         cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
-        parsed, _ = data.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
+        parsed, _ = clips.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
         store = data.FrameStore(1, 4, frames_layout="per_video")
         np.testing.assert_array_equal(store.features(parsed), values[3:8, 0].astype(np.float32))
     finally:

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import clips
 import data
 from config import load_config
 from conftest import write_proassist_features
@@ -121,7 +122,7 @@ def test_frame_check_reads_without_float32_copies(tmp_path, sample_clip):
     write_cls(tmp_path / "f" / f"{UID}.arrow", np.ones((rows, dim)))
     raw = {**sample_clip, "start_frame_idx": 0, "end_frame_idx": rows, "frames_file": f"f/{UID}.arrow"}
     cfg = load_config(None, [f"data.root={tmp_path}", f"data.feature_dim={dim}"])
-    clip, problems = data.parse_clip(raw, "x.json", 0, cfg)
+    clip, problems = clips.parse_clip(raw, "x.json", 0, cfg)
     assert clip is not None, problems
     store = data.FrameStore.from_config(cfg)
     store.table(clip.frames_path)  # opening the file is not what is measured
@@ -137,16 +138,16 @@ def test_frame_check_reads_without_float32_copies(tmp_path, sample_clip):
 # 3. data.on_overlength=split
 
 
-def sample_parsed(sample_clip, mutate=None) -> data.Clip:
+def sample_parsed(sample_clip, mutate=None) -> clips.Clip:
     raw = copy.deepcopy(sample_clip)
     if mutate:
         mutate(raw)
-    clip, problems = data.parse_clip(raw, "x.json", 0, load_config(None, ["data.root=/nonexistent"]))
+    clip, problems = clips.parse_clip(raw, "x.json", 0, load_config(None, ["data.root=/nonexistent"]))
     assert clip is not None, problems
     return clip
 
 
-def assert_proper_pieces(clip: data.Clip, pieces: list[data.Clip], renderer: data.Renderer, max_len: int) -> None:
+def assert_proper_pieces(clip: clips.Clip, pieces: list[clips.Clip], renderer: data.Renderer, max_len: int) -> None:
     """Pieces tile the clip, each fits, each is a proper clip, and no turn is lost or duplicated."""
     assert [p.start for p in pieces] == [clip.start] + [p.end for p in pieces[:-1]] and pieces[-1].end == clip.end
     assert [p.part for p in pieces] == list(range(len(pieces)))
@@ -155,19 +156,19 @@ def assert_proper_pieces(clip: data.Clip, pieces: list[data.Clip], renderer: dat
     seen = [(t.index, t.frame) for p in pieces for t in p.turns if t.frame is not None]
     assert sorted(seen) == sorted(original.items())  # every timed turn once, at its own frame
     events = clip.events()
-    replayed = data.state_trajectory(clip.initial_state(), [
+    replayed = clips.state_trajectory(clip.initial_state(), [
         events[k].transitions if k in events else [] for k in range(clip.start, clip.end)])
     whole = renderer.render(clip)
     for piece in pieces[1:]:
         assert piece.start - 1 not in events  # nothing attached to the frame just before a cut
         # The prompt's state (recomputed from the spans) is where the clip's own updates had got to.
-        assert piece.initial_state() == data.initial_state(clip.steps, piece.start, clip.fps)
+        assert piece.initial_state() == clips.initial_state(clip.steps, piece.start, clip.fps)
         assert piece.initial_state() == replayed[piece.start - 1 - clip.start]
     for piece in pieces:
         # A proper clip: its turns attach by the one event-frame rule within its own frames.
         for turn in piece.turns:
             if turn.frame is not None:
-                assert data.event_frame(turn.time, piece.fps, piece.start, piece.end) == turn.frame
+                assert clips.event_frame(turn.time, piece.fps, piece.start, piece.end) == turn.frame
         rendered = renderer.render(piece)
         assert len(rendered.input_ids) <= max_len
         i, j = piece.start - clip.start, piece.end - clip.start
@@ -227,7 +228,7 @@ def test_a_frame_over_the_budget_on_its_own_is_named(tmp_path, sample_clip, toke
                                              r"and data.on_overlength=split cannot cut it: frame 299 alone"):
         data.ClipDataset(cfg, "train", tokenizer)
     with pytest.raises(data.DataError, match=r"split.json:clip 0 \([^)]*\): frame 299 alone renders to \d+ prompt \+ \d+ frame tokens"):
-        data.split_clip(data.load_split(cfg, "train")[0][0], data.Renderer(tokenizer, 1), 500)
+        data.split_clip(clips.load_split(cfg, "train")[0][0], data.Renderer(tokenizer, 1), 500)
     # Under skip the run proceeds on the other clip and says why clip 0 is out.
     cfg.data.on_invalid_clip = "skip"
     dataset = data.ClipDataset(cfg, "train", tokenizer)
@@ -356,7 +357,7 @@ def layout_clip(tmp_path, sample_clip, file_name: str, rows: int, *overrides: st
     raw.update(start_frame_idx=10, end_frame_idx=20, frames_file=file_name)
     raw["conversation"] = [raw["conversation"][0], {"role": "assistant", "content": "Hi.", "time": 6.0}]
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4", *overrides])
-    clip, problems = data.parse_clip(raw, "x.json", 0, cfg)
+    clip, problems = clips.parse_clip(raw, "x.json", 0, cfg)
     assert clip is not None, problems
     return clip, data.FrameStore.from_config(cfg), values.astype(np.float32)
 

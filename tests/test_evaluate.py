@@ -15,7 +15,8 @@ import train
 from checkpoint import load_for_inference
 from config import load_config
 from conftest import ROOT, SAMPLE_CLIP, write_proassist_features
-from data import ClipDataset, FrameStore, Renderer, collate, load_split
+from clips import load_split
+from data import ClipDataset, FrameStore, Renderer, collate
 
 SCHEMA = {
     "split", "checkpoint", "num_videos", "num_frames", "embedder", "thresholds", "speak", "nlg", "dst", "decisions",

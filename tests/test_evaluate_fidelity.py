@@ -20,7 +20,8 @@ import train
 from checkpoint import CheckpointError, load_for_inference
 from config import Config, load_config
 from conftest import ROOT, SAMPLE_CLIP, write_proassist_features
-from data import ClipDataset, DataError, FrameStore, Renderer, collate, load_split, unclamped_frame
+from clips import load_split, unclamped_frame
+from data import ClipDataset, DataError, FrameStore, Renderer, collate
 
 # ----------------------------------------------------------------------------------------------------
 # The sample clip cut into several clips of one video

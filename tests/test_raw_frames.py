@@ -23,15 +23,15 @@ import losses  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_for_inference, load_model_tensors, save_checkpoint  # noqa: E402
 from config import load_config  # noqa: E402
-from data import ClipDataset, DataError, Renderer, collate, load_split, load_tokenizer  # noqa: E402
+from clips import load_split
+from data import ClipDataset, DataError, Renderer, collate, load_tokenizer  # noqa: E402
 from data import main as data_main  # noqa: E402
 from evaluate import StreamingRunner, Thresholds, assemble_videos, video_features  # noqa: E402
 from frames import (  # noqa: E402
     FramePreprocessing, FrameStore, RawFrameReader, extract_features, raw_video_features, require_pillow,
 )
-from model import (  # noqa: E402
-    FrameEncoder, build_model, load_vlm, model_state_for_checkpoint, pooled_tokens,
-)
+from backbones import FrameEncoder, load_vlm, pooled_tokens  # noqa: E402
+from model import build_model, model_state_for_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAME_SIZE = 32  # the demo's raw frames and the tiny tower's input
@@ -260,7 +260,7 @@ def loss_steps(cfg, tokenizer, steps: int = 3) -> tuple[list[float], torch.nn.Mo
         picks = [(2 * step) % len(dataset), (2 * step + 1) % len(dataset)]
         batch = collate([dataset.item(i, 0, 0.5) for i in picks], dataset.renderer.pad_id)
         counts = losses.count_targets(batch)
-        outputs = model(**train.model_inputs(batch), **({"frame_pixels": batch["frame_pixels"]} if "frame_pixels" in batch else {}))
+        outputs = model(**train.model_inputs(batch))
         loss, _ = losses.compute_loss(outputs, batch, counts, cfg.loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -343,10 +343,10 @@ def test_raw_frames_checkpoint_reloads_and_streams(raw_demo, tiny_vlm, tmp_path,
     reloaded, tokenizer2, cfg2 = load_for_inference(ckpt)
     model.eval()
     batch = collate([dataset.item(0), dataset.item(1)], dataset.renderer.pad_id)
-    inputs = dict(train.model_inputs(batch, all_frames=True), frame_pixels=batch["frame_pixels"])
+    inputs = train.model_inputs(batch, all_frames=True)
     with torch.no_grad():
         expected, got = model(**inputs), reloaded(**inputs)
-    for key in ("text_logits", "speak_logits", "dst_logits"):
+    for key in ("text_ce", "speak_logits", "dst_logits"):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
     reader = RawFrameReader(FrameStore(1, 64), FramePreprocessing.from_model_dir(tiny_vlm))
     stream_one_video(reloaded, tokenizer2, cfg2,
@@ -365,13 +365,6 @@ def test_extracted_features_checkpoint_trains_with_train_py_reloads_and_streams(
     stream_one_video(model, tokenizer, cfg2, lambda video: video_features(video, store, cfg2.data.num_tokens_per_frame))
 
 
-def raw_training_wired() -> bool:
-    batch = {"input_ids": None, "frame_features": None, "attention_mask": None, "has_padding": False,
-             "text_rows": None, "head_rows": None, "decision_rows": None, "frame_pixels": "x"}
-    return "frame_pixels" in train.model_inputs(batch)
-
-
-@pytest.mark.skipif(not raw_training_wired(), reason="train.model_inputs does not pass batch['frame_pixels'] yet")
 def test_train_py_trains_on_raw_frames(raw_demo, tiny_vlm, extracted, tmp_path):
     """The real training loop on raw frames logs the same losses as on the extracted features."""
     runs = {}
@@ -379,8 +372,9 @@ def test_train_py_trains_on_raw_frames(raw_demo, tiny_vlm, extracted, tmp_path):
         run_dir = tmp_path / name
         cfg = vlm_cfg(raw_demo, tiny_vlm, *overrides, f"run.dir={run_dir}", "train.max_steps=3", "train.save_every=3")
         runs[name] = train.train(cfg)
-        runs[name]["losses"] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert runs["raw"]["losses"] == runs["features"]["losses"]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[name]["losses"] = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(runs["raw"]["losses"]) == 3 and runs["raw"]["losses"] == runs["features"]["losses"]
     model, tokenizer, cfg = load_for_inference(runs["raw"]["checkpoint"])
     reader = RawFrameReader(FrameStore(1, 64), FramePreprocessing.from_model_dir(tiny_vlm))
     stream_one_video(model, tokenizer, cfg, lambda video: raw_video_features(video.clips, reader, model.vision, "cpu"))

