@@ -173,6 +173,11 @@ class _Timeline:
         """x of a 0-based frame of the video (fractions allowed: frame edges are at k ± 0.5)."""
         return self.left + (self.right - self.left) * (frame + 0.5) / max(self.num_frames, 1)
 
+    def row_guides(self, rows) -> list[str]:
+        """A small name left of the plot and a faint guide line across it, for each (name, y) row of a lane."""
+        return [f'<text x="{self.left - 4}" y="{y + 3.5}" font-size="9" text-anchor="end" fill="#555">{name}</text>'
+                f'<line x1="{self.left}" x2="{self.right}" y1="{y}" y2="{y}" stroke="#eee"/>' for name, y in rows]
+
     def span(self, first: int, end: int, y: float, height: float, attrs: str, title: str = "") -> str:
         x0, x1 = self.x(first - 0.5), self.x(end - 0.5)
         tip = f"<title>{esc(title)}</title>" if title else ""
@@ -262,11 +267,7 @@ def _replies_lane(tl: _Timeline, video: Video, records: list[FrameRecord], vm) -
     top, fps, base = tl.y, video.fps, video.start
     y_ref, y_gen = top + 9, top + 31
     tl.label("replies", "top: reference\nbottom: generated", top)
-    parts = ['<g class="replies">',
-             f'<text x="{tl.left - 4}" y="{y_ref + 3.5}" font-size="9" text-anchor="end" fill="#555">reference</text>',
-             f'<text x="{tl.left - 4}" y="{y_gen + 3.5}" font-size="9" text-anchor="end" fill="#555">generated</text>',
-             f'<line x1="{tl.left}" x2="{tl.right}" y1="{y_ref}" y2="{y_ref}" stroke="#eee"/>',
-             f'<line x1="{tl.left}" x2="{tl.right}" y1="{y_gen}" y2="{y_gen}" stroke="#eee"/>']
+    parts = ['<g class="replies">', *tl.row_guides((("reference", y_ref), ("generated", y_gen)))]
     (left, right), _ = metrics.window_for_dataset(video.dataset)
     ref_texts = {k - base: " ".join(ev.asst_texts) for k, ev in video.events.items() if ev.asst_texts}
     for j in vm.missed_frames:
@@ -310,11 +311,7 @@ def _dst_lane(tl: _Timeline, video: Video, records: list[FrameRecord], pred_stat
     top, fps, base = tl.y, video.fps, video.start
     y_ref, y_pred = top + 19, top + 37
     tl.label("DST updates", "upper row: reference\nlower row: predicted", top)
-    parts = ['<g class="dst-lane">',
-             f'<text x="{tl.left - 4}" y="{y_ref + 3.5}" font-size="9" text-anchor="end" fill="#555">reference</text>',
-             f'<text x="{tl.left - 4}" y="{y_pred + 3.5}" font-size="9" text-anchor="end" fill="#555">predicted</text>',
-             f'<line x1="{tl.left}" x2="{tl.right}" y1="{y_ref}" y2="{y_ref}" stroke="#eee"/>',
-             f'<line x1="{tl.left}" x2="{tl.right}" y1="{y_pred}" y2="{y_pred}" stroke="#eee"/>']
+    parts = ['<g class="dst-lane">', *tl.row_guides((("reference", y_ref), ("predicted", y_pred)))]
     # (frame, [(step_id, transition, why it is illegal or None)], tooltip) per row
     reference, predicted = [], []
     for k, ev in sorted(video.events.items()):

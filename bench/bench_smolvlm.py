@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=None, help="frames to extract (default 512 GPU, 64 CPU)")
     parser.add_argument("--workers", type=int, default=4, help="JPEG decoding worker processes")
     parser.add_argument("--seq-len", type=int, default=None, help="training clip length (default 4096 GPU, 512 CPU)")
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=1, help="clips per training step")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on")
     parser.add_argument("--out", default=None, help="also write the JSON here")

@@ -18,3 +18,7 @@ done
 echo "== streaming, $PRECISION"
 python3 bench/bench_eval.py configs/bench.yaml --precision "$PRECISION" --frames 2000 --generation-frames 40 \
   --out "$OUT/eval_${PRECISION}.json" | tail -n 5
+echo "== SmolVLM2-256M and -500M shapes: extraction and training (needs Pillow, requirements-frames.txt)"
+for shape in 256m 500m; do
+  python3 bench/bench_smolvlm.py --shape "$shape" --precision "$PRECISION" --out "$OUT/smolvlm_${shape}_${PRECISION}.json" | tail -n 3
+done

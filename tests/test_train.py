@@ -33,8 +33,8 @@ def tiny_overrides(demo_dir: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def run_train(overrides: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_train(overrides: list[str], nproc: int = 1, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if nproc == 1:
         cmd = [PY, str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides]
     else:
