@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 import train
 from config import load_config
-from data import IGNORE, load_tokenizer
+from data import IGNORE, collate, load_tokenizer
 from frames import FramePreprocessing, _FrameChunks, decode_frames, require_pillow
 from backbones import frame_encoder_from_vlm, vlm_text_backbone
 from model import assemble, cast_frozen, flops_per_token, param_groups
@@ -165,17 +165,12 @@ def synthetic_batch(seq_len: int, micro_batch: int, vocab: int, image_id: int, s
             asst[:, pos + 1:pos + TEXT_BLOCK_TOKENS] = ids[:, pos + 2:pos + TEXT_BLOCK_TOKENS + 1]
             pos += TEXT_BLOCK_TOKENS
         pos, frame = pos + 1, frame + 1
-    batch = {
-        "input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(micro_batch, seq_len, dtype=torch.int64),
-        "asst_targets": torch.from_numpy(asst), "dst_targets": torch.full((micro_batch, seq_len), IGNORE),
-        "speak_labels": torch.from_numpy(speak), "dst_labels": torch.from_numpy(speak.copy()),
-        "decision_mask": torch.from_numpy(speak != IGNORE), "has_padding": False,
-    }
-    n_images = int((batch["input_ids"] == image_id).sum())
-    batch["frame_features"] = torch.randn(n_images, feature_dim)
-    batch["text_rows"] = torch.from_numpy(np.flatnonzero(asst.reshape(-1) != IGNORE))
-    batch["head_rows"] = batch["decision_rows"] = torch.from_numpy(np.flatnonzero(speak.reshape(-1) != IGNORE))
-    return batch
+    n_images = int((ids[0] == image_id).sum())
+    items = [{"input_ids": ids[b], "asst_targets": asst[b], "dst_targets": np.full(seq_len, IGNORE),
+              "speak_labels": speak[b], "dst_labels": speak[b].copy(), "decision_mask": speak[b] != IGNORE,
+              "frame_features": np.random.default_rng(b).standard_normal((n_images, feature_dim)).astype(np.float32),
+              "clip_index": b} for b in range(micro_batch)]
+    return collate(items, pad_id=-1)  # no padding: every clip has seq_len tokens
 
 
 def bench_training(model_dir: Path, cfg, device, dtype, use_scaler, steps: int, seq_len: int) -> dict:
