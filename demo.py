@@ -1,10 +1,10 @@
-"""Demo dataset: a small, learnable, deterministic dataset in the exact input format of SPEC §4.1 (§11).
+"""Demo dataset: a small, learnable, deterministic dataset in the exact input format of docs/data_format.md.
 
     python data.py make-demo --out data/demo --seed 0 --videos 60     # the CLI lives in data.py
 
 `make_demo(out_dir, seed, num_videos)` writes
 
-    out_dir/train.json, val.json, test.json   lists of clip objects (SPEC §4.1), split by video
+    out_dir/train.json, val.json, test.json   lists of clip objects (docs/data_format.md), split by video
     out_dir/features/<video_uid>.arrow        ProAssist layout: row k = absolute frame k,
                                               columns `cls` (1 x 64) and `2x2` (4 x 64), float16
     out_dir/model/                            tokenizer trained here + config.json of a tiny Llama
@@ -22,7 +22,7 @@ The task is learnable from what the model has seen so far:
 * Occasionally the user asks a question (input); the answer, derived from the true state, follows at the
   same frame.
 
-Every turn caused by something first visible at frame k gets time t = (k + 1) / fps, which SPEC §4.2's
+Every turn caused by something first visible at frame k gets time t = (k + 1) / fps, which the event-frame
 rule `k(t) = floor(t * fps + 1e-6) - 1` attaches back to frame k. Long videos are cut into consecutive
 clips at frames where a step is in progress, so clips with clip_idx > 0 start mid-step with a non-trivial
 initial state.
@@ -46,7 +46,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 # ---------------------------------------------------------------------------------------------------------
-# Format constants (the clip fields of SPEC §4.1)
+# Format constants (the clip fields of docs/data_format.md)
 # ---------------------------------------------------------------------------------------------------------
 
 DATASET_NAME = "demo"
@@ -278,7 +278,7 @@ class VideoPlan:
 
 
 def event_time(frame: int) -> float:
-    """The time of a turn caused by something first visible at `frame`: SPEC §4.2 attaches it to `frame`."""
+    """The time of a turn caused by something first visible at `frame`: the event-frame rule attaches it to `frame`."""
     return (frame + 1) / FPS
 
 
@@ -368,7 +368,7 @@ def clip_boundaries(plan: VideoPlan) -> list[tuple[int, int]]:
     """Cut the video into consecutive clips [start, end) of about equal length.
 
     Each cut c lies inside a step (frames c - 1 and c show the same step, so that step is in progress at
-    the clip start) and no turn is attached to frame c - 1: SPEC §4.2's clamp would let such a turn belong
+    the clip start) and no turn is attached to frame c - 1: the event-frame rule's clamp would let such a turn belong
     to both clips, and real data builders avoid that too.
     """
     num_clips = math.ceil(plan.num_frames / CLIP_TARGET_FRAMES)
@@ -409,7 +409,7 @@ def state_before(plan: VideoPlan, frame: int) -> dict[str, str]:
 
 
 def clip_records(plan: VideoPlan, seed: int, frames_dir: str = FEATURES_DIR) -> list[dict]:
-    """The clip objects of one video, in SPEC §4.1's format; `frames_file` points into `frames_dir`."""
+    """The clip objects of one video, in the clip format of docs/data_format.md; `frames_file` points into `frames_dir`."""
     task = plan.task
     dst = [
         {"type": "step", "id": step_id(step), "name": name,
@@ -461,7 +461,7 @@ def _nested_list_array(cells: np.ndarray) -> pa.Array:
 
 
 def write_features(path: Path, cls: np.ndarray, patches: np.ndarray) -> None:
-    """One Arrow IPC file per video: row k = absolute frame k (ProAssist layout, SPEC §4.1)."""
+    """One Arrow IPC file per video: row k = absolute frame k (ProAssist layout, docs/data_format.md)."""
     cell_type = pa.list_(pa.list_(pa.float16()))
     schema = pa.schema([("cls", cell_type), ("2x2", cell_type)])
     table = pa.Table.from_arrays([_nested_list_array(cls), _nested_list_array(patches)], schema=schema)
@@ -508,7 +508,7 @@ def tokenizer_corpus() -> list[str]:
     """Every text the generator and the sequence builder can produce, in a fixed order.
 
     Enumerating them (instead of sampling videos) makes the tokenizer independent of the seed and covers
-    the prompt scaffolding (SPEC §4.4) that never appears in the clip files.
+    the prompt scaffolding (docs/sequence.md#layout) that never appears in the clip files.
     """
     texts = [SYSTEM_PROMPT, "Task steps:", "Current state:", *QUESTIONS.values(), *FINISHED_TEMPLATES]
     for task in TASKS:
@@ -596,7 +596,7 @@ def videos_per_split(num_videos: int | None) -> dict[str, int]:
 
 def make_demo(out_dir, seed: int = 0, num_videos: int | None = None, raw_frames: bool = False,
               frame_size: int = 32) -> dict:
-    """Write the demo dataset (SPEC §11) into `out_dir` and return a summary.
+    """Write the demo dataset (docs/data_format.md#the-demo-dataset) into `out_dir` and return a summary.
 
     `num_videos` is the number of train videos (val and test scale with it). Existing files with the same
     names are overwritten; nothing else in `out_dir` is touched. `raw_frames` also writes each video's frames

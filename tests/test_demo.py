@@ -1,7 +1,7 @@
 """Tests for demo.py: the demo dataset, written in the exact input format of docs/data_format.md.
 
 The checks here re-derive everything from the written files with the documented rules (the event-frame
-rule of §4.2, the initial-state formula of §4.3), not from demo.py's internals, except for the feature
+rule, the initial-state formula), not from demo.py's internals, except for the feature
 prototypes, which are needed to classify frames.
 """
 

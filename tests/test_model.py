@@ -38,7 +38,7 @@ SENTENCES = [
     "now pick up the screwdriver and screw it",
     "S1 -> complete , S2 -> start",
 ]
-# One clip in the §4.4 layout, as tokens: frames of 2 <image> tokens, a user turn, a DST and an ASST block.
+# One clip in the sequence layout (docs/sequence.md), as tokens: frames of 2 <image> tokens, a user turn, a DST and an ASST block.
 CLIP = (
     "<s> you are a helpful assistant "
     "<image> <image> "
