@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,10 @@ def test_retired_keys_name_their_replacement_and_old_checkpoints_still_load(tmp_
         load_config(path)
     with pytest.raises(ConfigError, match="no longer a setting; use train.eval_max_clips"):
         load_config(None, ["train.eval_max_batches=3"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    """Each file in configs/ is a valid config of this version (no unknown, retired or out-of-range key)."""
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    assert cfg.run.name

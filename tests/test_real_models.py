@@ -170,7 +170,7 @@ def test_smollm2_real_weights_train_reload_and_stream(smollm2_dir, demo_dir, tmp
 
     overrides = [f"data.root={demo_dir}", f"model.path={smollm2_dir}", f"run.dir={tmp_path / 'run'}",
                  "data.num_workers=0", "train.max_steps=6", "train.micro_batch=2", "train.log_every=1",
-                 "optim.warmup_steps=2", "train.eval_every=6", "train.eval_max_batches=2", "train.save_every=6",
+                 "optim.warmup_steps=2", "train.eval_every=6", "train.eval_max_clips=8", "train.save_every=6",
                  "eval.max_new_tokens=8", "eval.max_dst_tokens=8"]
     cfg = load_config(ROOT / "configs" / "demo_smollm2.yaml", overrides)
     tokenizer = load_tokenizer(smollm2_dir)
