@@ -18,6 +18,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -226,7 +227,8 @@ def main() -> None:
     parser.add_argument("--shape", default=None, choices=tuple(SHAPES), help="default: 256m on a GPU, tiny on CPU")
     parser.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16")
     parser.add_argument("--frames", type=int, default=None, help="frames to extract (default 512 GPU, 64 CPU)")
-    parser.add_argument("--workers", type=int, default=4, help="JPEG decoding worker processes")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="JPEG decoding worker processes (default: 4, or fewer on a machine with fewer cores)")
     parser.add_argument("--seq-len", type=int, default=None, help="training clip length (default 4096 GPU, 512 CPU)")
     parser.add_argument("--micro-batch", type=int, default=1, help="clips per training step")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
