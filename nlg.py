@@ -312,8 +312,11 @@ class SentenceEmbedder:
             )
         self.name = name or str(path)
         self.batch_size = batch_size
+        from checkpoint import no_transformers_progress_bars
+
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        with no_transformers_progress_bars():
+            self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         self.model.eval()
         self.dim = self.model.config.hidden_size
         self.max_length = _encoder_max_length(path, self.tokenizer.model_max_length)

@@ -40,12 +40,14 @@ def streaming(ckpt, out) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_demo_model_learns_the_readme_figures_and_untrained_does_not(full_demo, tmp_path):
+def test_demo_model_learns_the_readme_figures_and_untrained_does_not(full_demo, tmp_path, capsys):
     common = [f"data.root={full_demo}", f"model.path={full_demo / 'model'}", "train.eval_every=0"]
     run_train([*common, f"run.dir={tmp_path / 'trained'}"], threads=2)  # as the README's command runs it
     run_train([*common, f"run.dir={tmp_path / 'untrained'}", "train.max_steps=1", "optim.lr=0"])
     trained = streaming(tmp_path / "trained" / "step_600", tmp_path / "e1")
     untrained = streaming(tmp_path / "untrained" / "step_1", tmp_path / "e2")
+    seen = capsys.readouterr()
+    assert "Loading weights" not in seen.out + seen.err  # transformers' bar, e.g. the sentence embedder's
     readme = readme_figures()
     got = {"speak_f1": trained["speak"]["f1"], "dst_f1": trained["dst"]["f1"],
            "state_accuracy": trained["dst"]["state_accuracy"], "decision_speak_f1": trained["decisions"]["speak"]["f1"],
