@@ -50,6 +50,18 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def discard_unfinished_saves(run_dir: str | Path) -> list[Path]:
+    """Delete the `.tmp_step_<N>` directories a run left when it stopped while writing a checkpoint (they
+    never became checkpoints and nothing reads them). Returns what was deleted, for the start-up report."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    unfinished = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(".tmp_step_"))
+    for path in unfinished:
+        shutil.rmtree(path)
+    return unfinished
+
+
 def missing_files(ckpt: Path) -> list[str]:
     return [f for f in REQUIRED_FILES if not (ckpt / f).is_file()]
 

@@ -41,8 +41,9 @@ from tqdm import tqdm
 
 import losses
 from checkpoint import (
-    CheckpointError, find_resume, list_checkpoints, load_model_tensors, load_optimizer_state, load_rng_state,
-    no_transformers_progress_bars, read_trainer_state, rng_state, save_checkpoint,
+    CheckpointError, discard_unfinished_saves, find_resume, list_checkpoints, load_model_tensors,
+    load_optimizer_state, load_rng_state, no_transformers_progress_bars, read_trainer_state, rng_state,
+    save_checkpoint,
 )
 from config import Config, ConfigError, OptimConfig, load_config, to_yaml
 from data import ClipBatchSampler, ClipDataset, Collator, DataError, collate, load_tokenizer, rho_at
@@ -587,6 +588,8 @@ def train(cfg: Config) -> dict:
               f"steps per epoch; {len(val_set) if val_set else 0} val clips")
         for note in notes:
             print(note)
+        for unfinished in discard_unfinished_saves(run_dir):
+            print(f"deleted {unfinished}: a checkpoint save that never finished (the run stopped while writing it)")
         if resume_from is not None:
             print(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, step {state['cursor']} of it)")
 

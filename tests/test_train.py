@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,8 +183,15 @@ def test_exact_resume_after_sigkill(demo_dir, tmp_path):
     proc.wait()
     assert (killed / "step_3").exists()
     assert not (killed / "step_9").exists(), "the run finished before it could be killed; the test proves nothing"
+    # A save the kill interrupted (as in test_kill_during_save_leaves_no_partial_checkpoint) is ignored by the
+    # resume, deleted and reported.
+    unfinished = killed / ".tmp_step_7"
+    shutil.copytree(killed / "step_3", unfinished)
+    (unfinished / "trainer_state.json").unlink()
     resumed = run_train(args)
     assert "resumed from" in resumed.stdout
+    assert f"deleted {unfinished}: a checkpoint save that never finished" in resumed.stdout
+    assert not unfinished.exists()
 
     a = load_file(str(straight / "step_10" / "model.safetensors"))
     b = load_file(str(killed / "step_10" / "model.safetensors"))
