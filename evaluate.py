@@ -29,7 +29,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import metrics
 import nlg
@@ -43,7 +42,7 @@ from clips import (
     state_trajectory,
 )
 from data import Renderer, raw_frame_reader, usable_clips
-from frames import DataError, FrameStore, RawFrameReader, raw_video_features
+from frames import DataError, FrameStore, Progress, RawFrameReader, raw_video_features
 from demo import DATASET_NAME as DEMO_DATASET
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,15 +475,18 @@ def run_split(runner: Optional[StreamingRunner], videos: list[Video], store: Fra
     """Stream every video; features are read one video at a time (memory-mapped), never the whole split.
     With data.frames=raw the model's frozen vision tower makes them from the video's frames."""
     all_records = []
-    for video in tqdm(videos, desc=desc, unit="video", dynamic_ncols=True):
+    progress = Progress(len(videos), desc, "video")
+    for video in videos:
         if oracle:
             all_records.append(oracle_records(video))
-            continue
-        if raw_frames is None:
+        elif raw_frames is None:
             feats = video_features(video, store, store.num_tokens_per_frame)
+            all_records.append(runner.run(video, feats, thresholds))
         else:
             feats = raw_video_features(video.clips, raw_frames, runner.model.vision, runner.device, runner.autocast)
-        all_records.append(runner.run(video, feats, thresholds))
+            all_records.append(runner.run(video, feats, thresholds))
+        progress.update()
+    progress.close()
     return all_records
 
 

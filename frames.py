@@ -19,6 +19,7 @@ import binascii
 import io
 import json
 import os
+import sys
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -523,7 +524,6 @@ def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = N
 
     import torch
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     from config import ConfigError
     from clips import load_split
@@ -582,7 +582,7 @@ def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = N
         todo.append((uid, path, end, out))
     total = sum(end for _, _, end, _ in todo)
     start = time.perf_counter()
-    bar = tqdm(total=total, unit="frame", desc="extract", disable=not progress, dynamic_ncols=True)
+    bar = Progress(total, "extract", "frame", enabled=progress)
     for uid, path, end, out in todo:
         chunks = _FrameChunks(path, end, encoder.batch_frames, preprocessing, uid)
         loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
@@ -601,6 +601,35 @@ def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = N
         "feature_dim": encoder.output_dim,
         "features_path": str(out_dir / "{dataset}" / "{video_uid}.arrow"),
     }
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (output redirected to a file, a scheduler's log) a plain line
+    every `every_s` seconds instead of carriage-return updates. `update(n)`, `close()`."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, every_s: float = 60.0):
+        from tqdm import tqdm
+
+        self.on_terminal = enabled and sys.stderr.isatty()
+        self.plain = enabled and not self.on_terminal
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not self.on_terminal, dynamic_ncols=True)
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        if self.plain and now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.start)
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%), "
+                  f"{rate:.2f} {self.unit}/s, eta {eta / 60:.0f} min", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def raw_video_features(clips: list, reader: RawFrameReader, encoder, device, autocast=None) -> np.ndarray:

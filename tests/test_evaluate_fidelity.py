@@ -213,6 +213,7 @@ def test_model_path_override_finds_a_moved_base_model_quietly(lora_ckpt, tmp_pat
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["num_frames"] > 0
     # transformers' own weight-loading bar is not shown (ours, per video, is); the setting is restored.
     assert "Loading weights" not in seen.err + seen.out
+    assert "\r" not in seen.err + seen.out  # no progress bar when the output is not a terminal
     assert hf_logging.is_progress_bar_enabled()
     _, _, cfg = load_for_inference(ckpt, overrides=[f"model.path={moved}"])
     assert cfg.model.path == str(moved)
@@ -337,3 +338,17 @@ def test_teacher_forced_stream_equals_training_forward_on_a_multi_clip_video(tin
     own_second = np.array(head_probabilities(model, dataset, second))
     offset = second_clip.start - video.start
     assert np.abs(streamed[:, offset:offset + second_clip.num_frames] - own_second).max() > 1e-3
+
+
+def test_progress_away_from_a_terminal_is_plain_lines(capsys):
+    from frames import Progress
+    progress = Progress(3, "stream speak>0.5 dst>0.5", "video", every_s=0.0)
+    for _ in range(3):
+        progress.update()
+    progress.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["stream speak>0.5 dst>0.5: 1/3 videos (33%)",
+                                                      "stream speak>0.5 dst>0.5: 2/3 videos (67%)"]
+    assert all("eta" in line for line in lines)
