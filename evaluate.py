@@ -479,11 +479,9 @@ def run_split(runner: Optional[StreamingRunner], videos: list[Video], store: Fra
     for video in videos:
         if oracle:
             all_records.append(oracle_records(video))
-        elif raw_frames is None:
-            feats = video_features(video, store, store.num_tokens_per_frame)
-            all_records.append(runner.run(video, feats, thresholds))
         else:
-            feats = raw_video_features(video.clips, raw_frames, runner.model.vision, runner.device, runner.autocast)
+            feats = (video_features(video, store, store.num_tokens_per_frame) if raw_frames is None else
+                     raw_video_features(video.clips, raw_frames, runner.model.vision, runner.device, runner.autocast))
             all_records.append(runner.run(video, feats, thresholds))
         progress.update()
     progress.close()
