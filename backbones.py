@@ -40,8 +40,17 @@ def is_vlm_directory(path) -> bool:
     return AutoConfig.from_pretrained(path, local_files_only=True).model_type in VLM_MODEL_TYPES
 
 
+def vision_attention(text_attention: str) -> str:
+    """The attention of a VLM's vision tower: transformers' own bidirectional kernel, `eager` when the text model
+    runs eager (a whole-model reference), else `sdpa`. SigLIP attends bidirectionally; the project's causal
+    attention (and any other text-decoder choice) is for the text model only."""
+    return "eager" if text_attention == "eager" else "sdpa"
+
+
 def load_vlm(path, attn_implementation: str = "sdpa") -> nn.Module:
-    """A SmolVLM2 / Idefics3 model (vision tower, connector, text model, LM head) in fp32 from a local directory."""
+    """A SmolVLM2 / Idefics3 model (vision tower, connector, text model, LM head) in fp32 from a local directory.
+
+    `attn_implementation` is the text model's; the vision tower gets `vision_attention` of it."""
     from transformers import AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -52,7 +61,8 @@ def load_vlm(path, attn_implementation: str = "sdpa") -> nn.Module:
         )
     try:
         return AutoModelForImageTextToText.from_pretrained(
-            path, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
+            path, local_files_only=True, dtype=torch.float32,
+            attn_implementation={"text_config": attn_implementation, "vision_config": vision_attention(attn_implementation)},
         )
     except OSError as err:
         raise ValueError(f"{path}: cannot load the VLM's weights ({err}); the directory needs its safetensors files") from None

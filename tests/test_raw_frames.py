@@ -30,7 +30,7 @@ from evaluate import StreamingRunner, Thresholds, assemble_videos, video_feature
 from frames import (  # noqa: E402
     FramePreprocessing, FrameStore, RawFrameReader, extract_features, raw_video_features, require_pillow,
 )
-from backbones import FrameEncoder, load_vlm, pooled_tokens  # noqa: E402
+from backbones import FrameEncoder, build_frame_encoder, load_vlm, pooled_tokens  # noqa: E402
 from model import build_model, model_state_for_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +180,37 @@ def test_frame_encoder_runs_the_vlm_tower_and_connector(raw_demo, tiny_vlm):
     assert not encoder.training and not encoder.vision_model.training
     with pytest.raises(ValueError, match="uint8"):
         encoder(pixels.float())
+
+
+def test_the_default_configs_tower_is_the_untouched_vlms(raw_demo, tiny_vlm):
+    """The default attention (the project's causal kernel) is the text decoder's: the vision tower stays
+    bidirectional. The encoder built from the default config equals the untouched VLM loaded with
+    transformers' own sdpa, through the same pooling, to fp32 precision."""
+    from transformers import AutoModelForImageTextToText
+
+    cfg = vlm_cfg(raw_demo, tiny_vlm, "data.frames=raw")
+    assert cfg.model.attn_implementation == "causal_sdpa"
+    encoder = build_frame_encoder(cfg)
+    untouched = AutoModelForImageTextToText.from_pretrained(tiny_vlm, attn_implementation="sdpa").eval()
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8))
+    with torch.no_grad():
+        reference = untouched.model.get_image_features(encoder.normalise(pixels)[:, None]).pooler_output
+    expected = pooled_tokens(torch.stack(list(reference)))  # (5, 14, 64)
+    torch.testing.assert_close(encoder.pooled(pixels), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_features_is_the_same_under_every_text_attention(raw_demo, tiny_vlm, extracted, tmp_path):
+    """Feature files written under the default config equal those under model.attn_implementation=eager
+    (transformers' reference kernels everywhere), up to one float16 rounding step."""
+    extract_features(vlm_cfg(raw_demo, tiny_vlm, "model.attn_implementation=eager"), tmp_path, num_workers=0,
+                     progress=False)
+    for default_file in sorted((extracted / "demo").glob("*.arrow")):
+        default = pa.ipc.open_file(str(default_file)).read_all()
+        eager = pa.ipc.open_file(str(tmp_path / "demo" / default_file.name)).read_all()
+        for name in ("cls", "2x2", "3x3"):
+            a = np.asarray(default.column(name).combine_chunks().flatten().flatten(), dtype=np.float32)
+            b = np.asarray(eager.column(name).combine_chunks().flatten().flatten(), dtype=np.float32)
+            assert np.abs(a - b).max() <= 2e-3 * np.abs(b).max(), (default_file.name, name)
 
 
 # ---------------------------------------------------------------------------------------------------------
