@@ -32,7 +32,7 @@ import torch
 
 import metrics
 import nlg
-from model import configure_attention, prefer_expandable_segments
+from model import cast_for_inference, configure_attention, prefer_expandable_segments
 from report import markdown_summary, write_report
 from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config, require_checkpoint
@@ -192,10 +192,8 @@ class StreamingRunner:
         if dtype != torch.float32:
             # Inference stores every weight in the compute dtype: autocast would otherwise cast each fp32 weight
             # again at every frame (its cast cache lives for one autocast region), which for a 1B model costs
-            # more than the frame itself. The heads stay fp32.
-            model.to(dtype)
-            model.speak_head.float()
-            model.dst_head.float()
+            # more than the frame itself. The heads stay fp32 and buffers (rotary frequencies) as in training.
+            cast_for_inference(model, dtype)
         self._no_rows = torch.zeros(0, dtype=torch.long, device=device)
         self._last_row: dict[int, torch.Tensor] = {}  # piece length -> tensor([length - 1]) on the device
 
@@ -601,7 +599,7 @@ def evaluate(args) -> int:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         dtype, reason = inference_precision(args.precision, cfg.train.precision, device.type, capability)
         if dtype == torch.float32:
-            model.float()  # frozen weights stored in fp16/bf16 are exact in fp32; no autocast to pair them with
+            cast_for_inference(model, dtype)  # frozen weights stored in fp16/bf16 are exact in fp32; no autocast to pair them with
         print(f"precision: {DTYPE_NAMES[dtype]} ({reason}); {attention}", file=sys.stderr)
         renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
         runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced, dtype=dtype)

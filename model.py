@@ -527,6 +527,19 @@ def cast_frozen(model: VideoAssistant, dtype: torch.dtype) -> None:
         raise RuntimeError(f"trainable parameters must be fp32 (AdamW states follow them); not fp32: {wrong}")
 
 
+def cast_for_inference(model: VideoAssistant, dtype: torch.dtype) -> None:
+    """Store every parameter in `dtype` for streaming inference, the decision heads excepted (fp32, as in
+    training). Buffers stay as built: the rotary frequencies (and a vision tower's pixel table) are fp32 in
+    training, and rounding them to half precision would move every rotary angle by an error that grows with
+    the position (in bf16, about a radian by position 1,000). Under autocast the matmuls then read the weights
+    without casting them again at every frame."""
+    for name, param in model.named_parameters():  # tied weights once; assigning .data keeps them tied
+        if param.is_floating_point() and not name.startswith(("speak_head.", "dst_head.")):
+            param.data = param.data.to(dtype)
+    for head in (model.speak_head, model.dst_head):
+        head.float()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Activation checkpointing
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the user's sample clip with a features file, a tiny tokenizer, a small demo dataset."""
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from clips import unclamped_frame  # noqa: E402  (the repository root is on the path from here on)
 
 SAMPLE_CLIP = ROOT / "tests" / "data" / "prospect_sample_clip.json"
 
@@ -64,6 +67,19 @@ def write_proassist_features(path: Path, num_rows: int, dim: int = 1152, seed: i
     with pa.ipc.new_file(str(path), table.schema) as writer:
         writer.write_table(table)
     return cls_values
+
+
+def cut_sample(sample: dict, start: int, end: int, clip_idx: int) -> dict:
+    """The sample clip restricted to [start, end): every turn the event-frame rule places in that range
+    (including one at start - 1, which the clip's clamp attaches to its first frame), as a data builder
+    cutting a video into clips writes them."""
+    clip = copy.deepcopy(sample)
+    clip.update(start_frame_idx=start, end_frame_idx=end, clip_idx=clip_idx)
+    clip.pop("initial_dst_state", None)  # written for the original range; the loader recomputes it anyway
+    system, timed = clip["conversation"][0], clip["conversation"][1:]
+    clip["conversation"] = [system] + [
+        turn for turn in timed if start - 1 <= unclamped_frame(turn["time"], clip["fps"]) <= end - 1]
+    return clip
 
 
 @pytest.fixture(scope="session")

@@ -19,25 +19,12 @@ import evaluate
 import train
 from checkpoint import CheckpointError, load_for_inference
 from config import Config, load_config
-from conftest import ROOT, SAMPLE_CLIP, write_proassist_features
+from conftest import ROOT, SAMPLE_CLIP, cut_sample, write_proassist_features
 from clips import load_split, unclamped_frame
 from data import ClipDataset, DataError, FrameStore, Renderer, collate
 
 # ----------------------------------------------------------------------------------------------------
 # The sample clip cut into several clips of one video
-
-
-def cut_sample(sample: dict, start: int, end: int, clip_idx: int) -> dict:
-    """The sample clip restricted to [start, end): every turn the event-frame rule places in that range
-    (including one at start - 1, which the clip's clamp attaches to its first frame), as a data builder
-    cutting a video into clips writes them."""
-    clip = copy.deepcopy(sample)
-    clip.update(start_frame_idx=start, end_frame_idx=end, clip_idx=clip_idx)
-    clip.pop("initial_dst_state", None)  # written for the original range; the loader recomputes it anyway
-    system, timed = clip["conversation"][0], clip["conversation"][1:]
-    clip["conversation"] = [system] + [
-        turn for turn in timed if start - 1 <= unclamped_frame(turn["time"], clip["fps"]) <= end - 1]
-    return clip
 
 
 def write_sample_split(tmp_path: Path, ranges: list[tuple[int, int]], dataset: str = "assembly101") -> Path:

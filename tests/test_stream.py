@@ -3,14 +3,21 @@ the teacher-forced context is exactly the training sequence, and each context st
 promises (whole frames with their blocks' EOS for drop_middle, the predicted state for reset_with_dst)."""
 from __future__ import annotations
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import evaluate
+import train
 from checkpoint import load_for_inference
 from clips import load_split
-from data import FrameStore, Renderer
+from config import load_config
+from conftest import ROOT, SAMPLE_CLIP, cut_sample, write_proassist_features
+from data import ClipDataset, FrameStore, Renderer, collate, load_tokenizer
+from model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +118,62 @@ def test_context_strategies_put_back_what_they_promise(loaded, strategy, teacher
     if teacher_forced:
         # The tracked state follows the reference here, so it moves: reset_with_dst and drop_all differ.
         assert any(r["state"] != video.initial_state for r in resets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Half precision: the stream keeps the buffers training keeps
+
+
+@pytest.fixture(scope="module")
+def long_clip(demo_dir, tmp_path_factory):
+    """The user's sample clip cut to frames [193, 330) at I = 10 tokens per frame: about 1,500 positions, so
+    rotary angles are checked far along the sequence. Random weights with sharpened attention (q and k scaled
+    by 8): attention then depends on position, as a trained model's does."""
+    root = tmp_path_factory.mktemp("long_clip")
+    sample = json.loads(SAMPLE_CLIP.read_text())
+    (root / "val.json").write_text(json.dumps([cut_sample(sample, 193, 330, 0)]))
+    write_proassist_features(root / sample["frames_file"], 330, dim=64, columns=("cls", "3x3"))
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        f"data.root={root}", f"model.path={demo_dir / 'model'}", "model.init=scratch", "data.val=val.json",
+        "data.num_tokens_per_frame=10", "data.feature_dim=64", "data.max_seq_len=4096", "data.num_workers=0"])
+    tokenizer = load_tokenizer(cfg.model.path)
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer).eval()
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    dataset = ClipDataset(cfg, "val", tokenizer, announce=False)
+    return cfg, model, dataset
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.015), (torch.float16, 0.005)], ids=["bf16", "fp16"])
+def test_half_precision_stream_keeps_rotary_buffers_and_equals_the_training_forward(long_clip, dtype, tolerance):
+    """Training casts no buffer: the rotary frequencies stay fp32 under autocast. The runner stores weights in
+    half precision for speed but keeps every buffer as built, so the teacher-forced stream equals the training
+    forward under the same autocast, also beyond position 1,000 (head logits within half-precision rounding;
+    with half-precision rotary frequencies they drift by ~0.04 there)."""
+    cfg, model, dataset = long_clip
+    training_model, streaming_model = copy.deepcopy(model), copy.deepcopy(model)
+    runner = evaluate.StreamingRunner(streaming_model, dataset.renderer, cfg, torch.device("cpu"), teacher_forced=True,
+                                      dtype=dtype)
+    float_buffers = {name: b.dtype for name, b in streaming_model.named_buffers() if b.is_floating_point()}
+    assert any("rotary" in name for name in float_buffers) and set(float_buffers.values()) == {torch.float32}
+    assert streaming_model.decoder.layers[0].mlp.up_proj.weight.dtype == dtype
+    assert streaming_model.speak_head.weight.dtype == torch.float32
+
+    clip = dataset.clips[0]
+    video = evaluate.assemble_videos([clip])[0]
+    feats = evaluate.video_features(video, dataset.store, cfg.data.num_tokens_per_frame)
+    records = runner.run(video, feats, evaluate.Thresholds(2.0, 2.0))  # the context is the training sequence
+    probs = np.array([[r.p_speak for r in records], [r.p_dst for r in records]], dtype=np.float64)
+    streamed = np.log(probs / (1 - probs))  # (2, num_frames) head logits
+
+    batch = collate([dataset.item(0)], dataset.renderer.pad_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = training_model(**train.model_inputs(batch, all_frames=True))
+    trained = torch.stack([out["speak_logits"], out["dst_logits"]]).double().numpy()
+    positions = dataset.renderer.render(clip).decision_positions
+    far = positions > 1000
+    assert far.sum() >= 30 and positions.max() < cfg.data.max_seq_len
+    assert np.abs(streamed[:, far] - trained[:, far]).max() < tolerance
