@@ -19,6 +19,8 @@ cross-entropy in chunks (losses.linear_cross_entropy), so no (n_text, V) logits 
 Attention is `causal_sdpa` (registered below): torch's scaled_dot_product_attention with `is_causal` and no
 mask tensor. Batches are right-padded, so a real token never attends to the padding after it and no padding
 mask is needed; transformers then builds no mask at all (its mask builder costs a host sync per forward).
+A layer's sliding window is honoured (a banded mask, only where the keys exceed the window); what SDPA cannot
+compute (attention softcaps, sinks) is refused at start-up by `check_attention_support`.
 Which SDPA kernel runs is chosen once per process by `configure_attention` (flash or memory-efficient; the
 cuDNN kernel is switched off because it builds a new execution plan for every new sequence length).
 
@@ -41,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AttentionInterface, AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -94,46 +96,149 @@ def configure_attention(device: torch.device) -> str:
             f"cuDNN attention off (it rebuilds a plan for every new sequence length)")
 
 
-def _kv_heads_in_kernel(query: torch.Tensor) -> bool:
+def _kv_heads_in_kernel(query: torch.Tensor, masked: bool = False) -> bool:
     """Whether SDPA can read grouped K/V heads directly (`enable_gqa`): the flash kernel can; the
-    memory-efficient one cannot, and SDPA would fall back to the O(T^2)-memory math kernel."""
-    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+    memory-efficient one cannot, and SDPA would fall back to the O(T^2)-memory math kernel. A mask tensor
+    rules out the flash kernel."""
+    if masked or query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
         return False
     return torch.cuda.get_device_capability(query.device) >= (8, 0)
 
 
-def causal_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+# Keyword arguments of a layer's attention call that change its result and that SDPA cannot compute, with the
+# model.attn_implementation that does: a layer passing one (not None) is refused, never computed without it.
+UNHONOURED_ATTENTION_SETTINGS = {
+    "softcap": ("attention-logit soft-capping (softcap)", "eager"),
+    "s_aux": ("attention sinks (s_aux)", "eager"),
+    "sinks": ("attention sinks (sinks)", "eager"),
+    "position_bias": ("an additive position bias (position_bias)", "sdpa"),
+    "cu_seq_lens_q": ("packed variable-length sequences (cu_seq_lens_q)", "flash_attention_2"),
+    "cu_seq_lens_k": ("packed variable-length sequences (cu_seq_lens_k)", "flash_attention_2"),
+    "block_indices": ("block-sparse attention (block_indices)", "eager"),
+}
+
+
+def _refuse_unhonoured_settings(module, kwargs: dict) -> None:
+    for name, (meaning, fix) in UNHONOURED_ATTENTION_SETTINGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{type(module).__name__} asks for {meaning}, which model.attn_implementation=causal_sdpa (torch SDPA) "
+                f"cannot compute; set model.attn_implementation: {fix}"
+            )
+
+
+def _sliding_window_causal_mask(q_len: int, kv_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """(q, kv) bool, True where query i, at position kv - q + i, may attend key j: j is at most that position
+    and fewer than `window` positions before it (transformers' rule: a query sees `window` keys, itself included).
+    """
+    query_positions = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)  # (q, 1)
+    distance = query_positions - torch.arange(kv_len, device=device)  # (q, kv)
+    return (distance >= 0) & (distance < window)
+
+
+def _causal_layout(query, key, value, sliding_window):
+    """Keys, values, SDPA mask and is_causal for causal attention of the last q of kv positions.
+
+    Without a window, or with one the keys do not exceed, no mask tensor: `is_causal` for a square,
+    nothing for a single query, a bottom-right-aligned causal bias for a chunk after a cache. With a narrower
+    window, the keys no query can see are cut off first (a single query then needs no mask at all), and the
+    rest get an explicit banded mask. Cached keys may start anywhere (a sliding-window cache keeps only the
+    last ones): they always end at the last query, which is all the bottom-right alignment needs.
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if sliding_window is not None and kv_len > sliding_window:
+        visible = sliding_window + q_len - 1  # keys seen by at least one query
+        if kv_len > visible:
+            key, value = key[:, :, -visible:], value[:, :, -visible:]  # (B, Hkv, visible, D), views
+            kv_len = visible
+        if q_len == 1:
+            return key, value, None, False
+        return key, value, _sliding_window_causal_mask(q_len, kv_len, sliding_window, query.device), False
+    if q_len == kv_len:
+        return key, value, None, q_len > 1
+    if q_len > 1:
+        return key, value, causal_lower_right(q_len, kv_len), False
+    return key, value, None, False
+
+
+def causal_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          sliding_window: int | None = None, is_causal: bool | None = None, **kwargs):
     """Causal attention without a mask tensor, as a transformers attention function.
 
     query (B, Hq, q, D); key, value (B, Hkv, kv, D) with kv = cached + q positions. q == kv: a plain causal
     square (training, or the stream's first piece); q == 1: the new token sees everything cached; otherwise
     the causal square is aligned to the bottom right (new tokens see the cache and each other causally).
     Returns (B, q, Hq, D) and no attention weights.
+
+    A layer's `sliding_window` is honoured (see _causal_layout). A module that is not causal (`is_causal=False`
+    passed or set on it: vision towers, encoders) gets bidirectional attention over all keys. Settings SDPA
+    cannot compute (softcap, attention sinks, position bias, packed sequences) raise an error.
     """
     if attention_mask is not None:
         raise ValueError(
             "causal_sdpa attention takes no attention mask: batches are right-padded and attention is causal, so "
             "padding is never attended to by real tokens. Do not pass attention_mask."
         )
-    q_len, kv_len = query.shape[2], key.shape[2]
+    _refuse_unhonoured_settings(module, kwargs)
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if causal:
+        key, value, mask, sdpa_causal = _causal_layout(query, key, value, sliding_window)
+    elif sliding_window is not None:
+        raise ValueError(
+            f"{type(module).__name__} asks for bidirectional attention within a sliding_window of {sliding_window}, "
+            f"which model.attn_implementation=causal_sdpa does not compute; set model.attn_implementation: sdpa"
+        )
+    else:
+        mask, sdpa_causal = None, False
     groups = query.shape[1] // key.shape[1]
     enable_gqa = groups > 1
-    if enable_gqa and not _kv_heads_in_kernel(query):
+    if enable_gqa and not _kv_heads_in_kernel(query, masked=mask is not None):
         key = key.repeat_interleave(groups, dim=1)  # (B, Hq, kv, D)
         value = value.repeat_interleave(groups, dim=1)
         enable_gqa = False
-    mask, is_causal = None, False
-    if q_len == kv_len:
-        is_causal = q_len > 1
-    elif q_len > 1:
-        mask = causal_lower_right(q_len, kv_len)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa,
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=sdpa_causal, scale=scaling,
+        enable_gqa=enable_gqa,
     )  # (B, Hq, q, D)
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION, causal_sdpa_attention)
+
+
+# What the attention of a model type that transformers does not run under SDPA computes, for the start-up
+# message; types not listed get a general description.
+SDPA_INCOMPATIBLE_ATTENTION = {"gpt_oss": "attention sinks (a learned per-head logit in every softmax, s_aux)"}
+
+
+def check_attention_support(config, attn_implementation: str) -> None:
+    """Refuse a backbone whose attention `causal_sdpa` would not compute, naming the setting and the fix.
+
+    `config` is the backbone's (text) config; call it before the backbone is built (transformers' own refusal of
+    SDPA for such models names neither the setting nor this project's option) and again on the built model.
+    Sliding windows are honoured and pass; other values of attn_implementation are transformers' own and pass.
+    """
+    if attn_implementation != ATTENTION:
+        return
+    problems = []
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        problems.append(f"attention-logit soft-capping (attn_logit_softcapping={softcap})")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is not None and not model_class._supports_sdpa and softcap is None:
+        what = SDPA_INCOMPATIBLE_ATTENTION.get(config.model_type, "attention that SDPA cannot compute")
+        problems.append(f"{what}, for which transformers does not run {model_class.__name__} under SDPA")
+    if problems:
+        raise ValueError(
+            f"backbone {config.model_type}: {'; '.join(problems)}. model.attn_implementation=causal_sdpa is torch "
+            f"SDPA and cannot compute it; set model.attn_implementation: eager"
+        )
+    if getattr(config, "use_bidirectional_attention", False) or not getattr(config, "is_causal", True):
+        raise ValueError(
+            f"backbone {config.model_type}: bidirectional attention (use_bidirectional_attention / is_causal=False) "
+            f"in the text decoder; model.attn_implementation=causal_sdpa is causal and this project trains a causal "
+            f"decoder on right-padded batches. Use a causal backbone (use_bidirectional_attention: false)"
+        )
 
 
 class PreallocatedLayer(CacheLayerMixin):
@@ -239,6 +344,7 @@ class VideoAssistant(nn.Module):
         self.backbone = backbone
         self.vision = vision  # data.frames=raw: frozen tower turning frame_pixels into frame_features (never trained)
         config = backbone.config.get_text_config()
+        check_attention_support(config, backbone.config._attn_implementation)
         for attr in UNSUPPORTED_LOGIT_TRANSFORMS:
             if getattr(config, attr, None) not in (None, 1, 1.0):
                 raise ValueError(
@@ -427,6 +533,8 @@ def build_model(cfg, tokenizer) -> VideoAssistant:
     A matrices, and with init=scratch the whole backbone, are drawn from the global RNG.
     """
     path = cfg.model.path
+    check_attention_support(AutoConfig.from_pretrained(path, local_files_only=True).get_text_config(),
+                            cfg.model.attn_implementation)
     vlm = None  # a SmolVLM2-style model.path: loaded once, its text model becomes the backbone
     if cfg.model.init == "pretrained":
         if is_vlm_directory(path):
@@ -453,6 +561,7 @@ def build_model_from_config_dict(config_dict: dict, tokenizer, cfg) -> VideoAssi
     """Random-weight model from a config dict with a `model_type` key (tests, benchmarks); seed first."""
     config_dict = dict(config_dict)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    check_attention_support(config.get_text_config(), cfg.model.attn_implementation)
     backbone = AutoModelForCausalLM.from_config(
         config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
     )
