@@ -135,6 +135,13 @@ class Renderer:
         text = texts if isinstance(texts, str) else " ".join(texts)
         return [self.asst_id] + self.text(text) + [self.eos_id]
 
+    def generated_blocks_budget(self, max_dst_tokens: int, max_new_tokens: int) -> int:
+        """The most tokens a frame's generated blocks can add to a streamed context: a [DST] and an [ASST] block
+        of at most `max_dst_tokens` / `max_new_tokens` generated tokens, each with its role token and its EOS
+        (4), plus 2 tokens of slack. Where the stream decides whether a frame still fits, this is the room it
+        keeps free beyond the frame's own tokens."""
+        return max_dst_tokens + max_new_tokens + 6
+
     def render(self, clip: Clip) -> RenderedClip:
         ids: list[int] = self.prompt(clip.system_text, clip.steps, clip.initial_state())
         frames: list[int] = [-1] * len(ids)

@@ -159,6 +159,16 @@ class Thresholds:
     dst: float
 
 
+@dataclass
+class Segment:
+    """One frame of the stream's current context in the training layout: its frame tokens and user blocks, then
+    the DST and assistant blocks fed after its decision, each closed by its EOS. `state` is the tracked state when
+    the frame began: the state a prompt placed right before this frame must show."""
+    frame_index: int  # in the video
+    tokens: list[int]
+    state: dict[str, str]
+
+
 class StreamingRunner:
     """One video at a time, one frame at a time, KV cache on. Context pieces come from data.Renderer.
 
@@ -168,8 +178,7 @@ class StreamingRunner:
     head probabilities read together), plus one per generated token.
 
     `context_ids` mirrors, token for token, what the cache holds; `segments` holds the current context's frames
-    in the training layout (frame tokens and user blocks, then the frame's DST and assistant blocks with their
-    EOS), which is what `drop_middle` keeps when the context is full.
+    as `Segment`s, which is what `drop_middle` keeps when the context is full.
     """
 
     def __init__(self, model, renderer: Renderer, cfg: Config, device: torch.device, teacher_forced: bool = False,
@@ -184,6 +193,8 @@ class StreamingRunner:
         self.device = device
         self.teacher_forced = teacher_forced
         self.budget = cfg.data.max_seq_len - cfg.eval.context_margin
+        self.blocks_budget = renderer.generated_blocks_budget(cfg.eval.max_dst_tokens, cfg.eval.max_new_tokens)
+        self.worst_frame = renderer.num_tokens_per_frame + self.blocks_budget  # a frame without user turns, both blocks full
         self.context_resets = 0
         num_layers = model.backbone.config.get_text_config().num_hidden_layers
         self._preallocated = PreallocatedCache(num_layers, cfg.data.max_seq_len) if cache == "preallocated" else None
@@ -238,27 +249,30 @@ class StreamingRunner:
 
         reset_with_dst: the prompt carries the *predicted* current state (the model's own DST is its memory);
         drop_all: the prompt with the video's initial state, nothing else;
-        drop_middle: the prompt with the initial state plus the most recent whole frames (each with its
-        generated blocks and their EOS, as in training), up to half of what the prompt and a frame leave.
+        drop_middle: the most recent whole frames (each with its generated blocks and their EOS, as in training),
+        up to half of what the prompt and a frame leave, after a prompt carrying the predicted state at the first
+        kept frame: the context a training clip starting at that frame would show.
         """
         strategy = self.cfg.eval.context_strategy
         self.context_resets += 1
-        state = self.pred_state if strategy == "reset_with_dst" else self.video.initial_state
-        prompt = self.renderer.prompt(self.video.system_text, self.video.steps, state)
-        kept: list[tuple[int, list[int]]] = []
+        kept: list[Segment] = []
         if strategy == "drop_middle":
             # Half of what the prompt and the next frame's worst case (both blocks generated in full) leave, so a
-            # reset is followed by many frames, not by another reset.
-            worst_frame = self.cfg.eval.max_dst_tokens + self.cfg.eval.max_new_tokens + 6 + self.renderer.num_tokens_per_frame
-            room = max(0, (self.budget - len(prompt) - worst_frame) // 2)
-            for frame_index, segment in reversed(self.segments):
-                if len(segment) > room:
+            # reset is followed by many frames, not by another reset. The prompt's length does not depend on
+            # the state it shows (state names are fixed words), so the current one measures it.
+            prompt_length = len(self.renderer.prompt(self.video.system_text, self.video.steps, self.pred_state))
+            room = max(0, (self.budget - prompt_length - self.worst_frame) // 2)
+            for segment in reversed(self.segments):
+                if len(segment.tokens) > room:
                     break
-                kept.insert(0, (frame_index, segment))
-                room -= len(segment)
+                kept.insert(0, segment)
+                room -= len(segment.tokens)
+        state = {"reset_with_dst": self.pred_state, "drop_all": self.video.initial_state}.get(
+            strategy, kept[0].state if kept else self.pred_state)
+        prompt = self.renderer.prompt(self.video.system_text, self.video.steps, state)
         self._new_cache()
-        feats = [self.video_feats[i] for i, _ in kept]  # (I, F) each
-        self._forward(prompt + [t for _, segment in kept for t in segment],
+        feats = [self.video_feats[segment.frame_index] for segment in kept]  # (I, F) each
+        self._forward(prompt + [t for segment in kept for t in segment.tokens],
                       torch.cat(feats) if feats else None, False, False)
         self.segments = kept
         self.pending = []  # any pending EOS closed a block that is either gone or already in a kept segment
@@ -280,7 +294,7 @@ class StreamingRunner:
             generated.append(token)
             out = self._forward([token], None, want_heads=False, want_text=True)
         self.pending = [eos]
-        self.segments[-1][1].extend([role_id, *generated, eos])
+        self.segments[-1].tokens.extend([role_id, *generated, eos])
         return self.renderer.tokenizer.decode(generated, skip_special_tokens=True).strip()
 
     @staticmethod
@@ -298,14 +312,13 @@ class StreamingRunner:
         # (num_frames, I, F) on the device once; each frame's rows are a view of it.
         self.video_feats = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device)
         self._new_cache()
-        self.segments: list[tuple[int, list[int]]] = []  # (frame index in the video, its tokens) in the context
+        self.segments: list[Segment] = []  # the frames in the context
         self.pred_state = dict(video.initial_state)
         self.pending = self.renderer.prompt(video.system_text, video.steps, self.pred_state)
-        worst_frame = self.cfg.eval.max_dst_tokens + self.cfg.eval.max_new_tokens + 6 + self.renderer.num_tokens_per_frame
-        if len(self.pending) + worst_frame > self.budget:
+        if len(self.pending) + self.worst_frame > self.budget:
             raise ConfigError(
                 f"video {video.video_uid}: its system prompt ({len(self.pending)} tokens) and one frame with both blocks "
-                f"generated ({worst_frame}) do not fit data.max_seq_len - eval.context_margin = {self.budget}: "
+                f"generated ({self.worst_frame}) do not fit data.max_seq_len - eval.context_margin = {self.budget}: "
                 f"raise data.max_seq_len or lower eval.context_margin, eval.max_new_tokens, eval.max_dst_tokens"
             )
         records = []
@@ -316,10 +329,10 @@ class StreamingRunner:
                 frame_ids += self.renderer.user_block(text)
             # Room for this frame and both blocks it may generate; otherwise apply the context strategy now,
             # at a frame boundary, so a generation never straddles a reset.
-            needed = len(self.pending) + len(frame_ids) + self.cfg.eval.max_dst_tokens + self.cfg.eval.max_new_tokens + 6
+            needed = len(self.pending) + len(frame_ids) + self.blocks_budget
             if len(self.context_ids) + needed > self.budget:
                 self._reset_context()
-            self.segments.append((i, list(frame_ids)))
+            self.segments.append(Segment(i, list(frame_ids), dict(self.pred_state)))
             out = self._forward(self.pending + frame_ids, self.video_feats[i], want_heads=True, want_text=False)
             self.pending = []
             p_speak, p_dst = torch.sigmoid(torch.stack([out["speak_logits"][-1], out["dst_logits"][-1]])).tolist()
@@ -351,17 +364,17 @@ class StreamingRunner:
         if self.pending:
             self._forward(self.pending, None, False, False)
             self.pending = []
-        length, segment_length = len(self.context_ids), len(self.segments[-1][1])
+        length, segment_length = len(self.context_ids), len(self.segments[-1].tokens)
         text = self._generate(role_id, max_tokens)
         self._truncate(length)
-        del self.segments[-1][1][segment_length:]
+        del self.segments[-1].tokens[segment_length:]
         self.pending = []
         return text
 
     def _teacher_forced_blocks(self, rec: FrameRecord, ev: FrameEvents) -> None:
         """Record what the model generates where a head fires, but keep only ground-truth blocks as context,
         in the training order: decision, [DST] block, [ASST] block."""
-        segment = self.segments[-1][1]
+        segment = self.segments[-1].tokens
         if rec.dst:
             rec.dst_text = self._generate_and_roll_back(self.renderer.dst_id, self.cfg.eval.max_dst_tokens)
             self._apply_generated_updates(rec, track=False)

@@ -70,22 +70,51 @@ def test_teacher_forced_context_is_the_training_sequence(loaded):
 
 
 def snapshot_resets(runner) -> list[dict]:
-    """Record, at every reset, the frames in context before it and the tokens the cache holds after it."""
+    """Record, at every reset, the frames in context before it, the tokens the cache holds after it and the
+    frames kept."""
     seen, original = [], runner._reset_context
 
     def wrapped():
-        before = [(i, list(segment)) for i, segment in runner.segments]
+        before = [(seg.frame_index, list(seg.tokens)) for seg in runner.segments]
         original()
-        seen.append({"before": before, "after": list(runner.context_ids), "state": dict(runner.pred_state),
-                     "kept": [(i, list(segment)) for i, segment in runner.segments]})
+        seen.append({"before": before, "after": list(runner.context_ids),
+                     "kept": [(seg.frame_index, list(seg.tokens)) for seg in runner.segments]})
 
     runner._reset_context = wrapped
     return seen
 
 
+def expected_segment(renderer, video, record, teacher_forced: bool, tokens: list[int]) -> list[int]:
+    """Frame `record.frame` in the training layout, rendered here from the video and the record alone: the frame
+    tokens and user blocks, then the reference blocks (teacher-forced) or a block for each head that fired,
+    holding the tokens it generated (read from `tokens`, their text checked against the record)."""
+    ev = video.events.get(record.frame, evaluate.FrameEvents())
+    expected = renderer.frame() + [t for text in ev.user_texts for t in renderer.user_block(text)]
+    if teacher_forced:
+        if ev.transitions:
+            expected += renderer.dst_block(ev.transitions)
+        if ev.asst_texts:
+            expected += renderer.asst_block(ev.asst_texts)
+        return expected
+    for fired, role, text in ((record.dst, renderer.dst_id, record.dst_text),
+                              (record.speak, renderer.asst_id, record.asst_text)):
+        if not fired:
+            continue
+        start = len(expected)
+        assert tokens[start] == role, (record.frame, tokens)
+        end = tokens.index(renderer.eos_id, start)
+        generated = tokens[start + 1:end]
+        assert renderer.tokenizer.decode(generated, skip_special_tokens=True).strip() == text
+        expected += [role, *generated, renderer.eos_id]
+    return expected
+
+
 @pytest.mark.parametrize("teacher_forced", [False, True], ids=["own-blocks", "teacher-forced"])
 @pytest.mark.parametrize("strategy", ["reset_with_dst", "drop_all", "drop_middle"])
 def test_context_strategies_put_back_what_they_promise(loaded, strategy, teacher_forced):
+    """After each reset the cache holds exactly a prompt rendered here, with the state the strategy promises,
+    computed from the records (the stream's own updates) or the reference (teacher-forced), never from the
+    runner's tracking; drop_middle's frames are the most recent whole frames, token for token."""
     model, tokenizer, cfg = loaded
     cfg.data.max_seq_len, cfg.eval.context_margin, cfg.eval.context_strategy = 200, 10, strategy
     video, feats = video_and_features(cfg)
@@ -95,29 +124,33 @@ def test_context_strategies_put_back_what_they_promise(loaded, strategy, teacher
     records = runner.run(video, feats, evaluate.Thresholds(0.0, 0.0))  # fire often: blocks and EOS everywhere
     assert len(records) == video.num_frames and len(resets) >= 2 and runner.context_resets == len(resets)
     assert runner.cache.get_seq_length() == len(runner.context_ids) <= cfg.data.max_seq_len
-    image, eos = renderer.image_id, renderer.eos_id
+    # The state after each frame: the stream's own legal updates, or the reference the context carried.
+    states_after = video.reference_states() if teacher_forced else evaluate.predicted_states(video, records)
+
+    def state_before(frame_index: int) -> dict:
+        return states_after[frame_index - 1] if frame_index > 0 else video.initial_state
+
     for reset in resets:
+        next_frame = reset["before"][-1][0] + 1  # a reset happens before the frame after the last one in context
         if strategy == "reset_with_dst":
-            # the model's own tracked state is its memory across the reset
-            assert reset["after"] == renderer.prompt(video.system_text, video.steps, reset["state"])
+            assert reset["after"] == renderer.prompt(video.system_text, video.steps, state_before(next_frame))
         elif strategy == "drop_all":
             assert reset["after"] == renderer.prompt(video.system_text, video.steps, video.initial_state)
         else:
-            prompt = renderer.prompt(video.system_text, video.steps, video.initial_state)
             kept = reset["kept"]
             assert kept, "drop_middle kept nothing"
             assert kept == reset["before"][-len(kept):]  # the most recent whole frames, in order
+            first = kept[0][0]
+            prompt = renderer.prompt(video.system_text, video.steps, state_before(first))
             assert reset["after"] == prompt + [t for _, segment in kept for t in segment]
-            for _, segment in kept:
-                assert segment[:cfg.data.num_tokens_per_frame] == [image] * cfg.data.num_tokens_per_frame
-                # every generated block is closed by its EOS before the next frame starts
-                for role in (renderer.dst_id, renderer.asst_id):
-                    for start in [j for j, t in enumerate(segment) if t == role]:
-                        assert eos in segment[start:], segment
-                assert segment[-1] in (eos, image) or segment[-1] not in (renderer.dst_id, renderer.asst_id)
+            for frame_index, segment in kept:
+                assert segment == expected_segment(renderer, video, records[frame_index], teacher_forced, segment)
     if teacher_forced:
-        # The tracked state follows the reference here, so it moves: reset_with_dst and drop_all differ.
-        assert any(r["state"] != video.initial_state for r in resets)
+        # The tracked state follows the reference here, so it moves: the prompts of reset_with_dst and
+        # drop_middle differ from drop_all's (for drop_middle: a kept frame after a state change).
+        assert any(state_before(r["before"][-1][0] + 1) != video.initial_state for r in resets)
+        if strategy == "drop_middle":
+            assert any(state_before(r["kept"][0][0]) != video.initial_state for r in resets)
 
 
 # ----------------------------------------------------------------------------------------------------
