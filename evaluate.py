@@ -587,7 +587,9 @@ def evaluate(args) -> int:
     clips, report = usable_clips(cfg, split, None, store)
     for line in report.lines():
         print(line, file=sys.stderr)
-    skipped_videos = sorted({p.video_uid for problems in report.skipped.values() for p in problems})
+    # A skipped clip without a usable video_uid belongs to no video: nothing else to leave out for it.
+    skipped_videos = sorted({p.video_uid for problems in report.skipped.values() for p in problems
+                             if p.video_uid is not None}, key=str)
     if skipped_videos:  # a video is evaluated whole or not at all
         clips = [c for c in clips if c.video_uid not in set(skipped_videos)]
         print(f"skipping {len(skipped_videos)} video(s) with a skipped clip: {', '.join(map(str, skipped_videos[:10]))}"

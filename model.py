@@ -278,7 +278,7 @@ class PreallocatedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.length
 
-    def get_max_length(self) -> int:
+    def get_max_length(self) -> int:  # part of transformers' cache-layer interface (Cache.get_max_length asks it)
         return self.max_len
 
     def reset(self) -> None:

@@ -48,9 +48,8 @@ from checkpoint import (
 from config import Config, ConfigError, OptimConfig, load_config, to_yaml
 from data import ClipBatchSampler, ClipDataset, Collator, DataError, collate, load_tokenizer, rho_at
 from model import (
-    activation_checkpointing_active, build_model, compile_decoder_layers, configure_attention, describe,
+    build_model, compile_decoder_layers, configure_attention, describe,
     flops_per_token, load_model_state, model_state_for_checkpoint, param_groups, prefer_expandable_segments,
-    set_activation_checkpointing,
 )
 from plots import write_training_curves
 
@@ -502,9 +501,6 @@ def train(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model.path)
     with no_transformers_progress_bars():
         model = build_model(cfg, tokenizer).to(device)
-    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.train.activation_checkpointing and not activation_checkpointing_active(model):
-        raise RuntimeError("train.activation_checkpointing=true but the model reports it inactive")
 
     # -- data
     train_set = ClipDataset(cfg, "train", tokenizer, announce=master)

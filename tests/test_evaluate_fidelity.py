@@ -86,6 +86,24 @@ def test_clips_of_one_video_give_each_reference_once(tmp_path, capsys, ranges):
     capsys.readouterr()
 
 
+def test_skipped_clips_without_a_video_uid_do_not_stop_the_evaluation(tmp_path, capsys):
+    """data.on_invalid_clip=skip: a clip without video_uid (or with a number for one) is skipped like any
+    other invalid clip; the videos of the skipped clips that name one are left out whole."""
+    cfg_path = write_sample_split(tmp_path, [(193, 451)])
+    split = tmp_path / "test.json"
+    valid = json.loads(split.read_text())[0]
+    no_uid = {k: v for k, v in valid.items() if k != "video_uid"}
+    number_uid = {**valid, "video_uid": 7}
+    other_video = {**valid, "video_uid": "broken_video", "fps": -1}
+    split.write_text(json.dumps([valid, no_uid, number_uid, other_video]))
+    code = evaluate.main(["--config", str(cfg_path), "--oracle", "--embedder", "bow", "--out", str(tmp_path / "out"),
+                          "data.on_invalid_clip=skip"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "skipping 2 video(s) with a skipped clip: 7, broken_video" in err
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_videos"] == 1
+
+
 def test_clips_of_one_video_that_cannot_form_a_timeline_are_refused(tmp_path):
     clips = load_clips(write_sample_split(tmp_path, [(193, 260), (260, 451)]))
     swapped = [dataclasses.replace(clips[0], clip_idx=1), dataclasses.replace(clips[1], clip_idx=0)]

@@ -388,6 +388,7 @@ def test_preallocated_cache_truncates_and_refuses_overflow(tokenizer, base_vocab
         assert rolled.length == 11
         rolled.truncate(8)
         assert rolled.get_seq_length() == 8
+        assert rolled.get_max_length() == 16  # transformers' cache interface: the capacity, not the fill
         got = model(ids[:, 8:], text_mask=last, past_key_values=rolled, use_cache=True)["text_logits"]
         assert torch.allclose(got, expected, atol=1e-5)
         with pytest.raises(RuntimeError, match="KV cache overflow: 21 positions in a cache of 16"):
