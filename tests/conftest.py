@@ -1,14 +1,19 @@
-"""Shared fixtures: the user's sample clip with a features file, a tiny tokenizer, a small demo dataset."""
+"""Shared fixtures and helpers: the user's sample clip with a features file, a tiny tokenizer, a small demo
+dataset, a tiny random SmolVLM2-style model, and running train.py the way a user does (one process or torchrun)."""
 from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,6 +85,112 @@ def cut_sample(sample: dict, start: int, end: int, clip_idx: int) -> dict:
     clip["conversation"] = [system] + [
         turn for turn in timed if start - 1 <= unclamped_frame(turn["time"], clip["fps"]) <= end - 1]
     return clip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running train.py as a user does
+
+PY = sys.executable
+
+
+def tiny_overrides(demo_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """A fast, deterministic setting: small model from the demo, no workers, no length grouping."""
+    base = {
+        "data.root": str(demo_dir), "model.path": str(demo_dir / "model"), "run.dir": str(run_dir),
+        "data.num_workers": 0, "data.length_grouping": "false", "train.eval_every": 0, "train.log_every": 1,
+        "train.save_every": 100, "train.keep_last": 3, "optim.warmup_steps": 2, "train.micro_batch": 1,
+        "train.grad_accum": 1, "train.max_steps": 1, "optim.lr": 1e-3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_train(overrides: list[str], nproc: int = 1, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if nproc == 1:
+        cmd = [PY, str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    """The last logged train record of each step (a killed run may have logged steps it never saved)."""
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            records[r["step"]] = r
+    return records
+
+
+def start_train(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
+    return subprocess.Popen([*launcher, str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never logged step {step}: {proc.poll()}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data and models
+
+def demo_config(demo_dir: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "demo.yaml"
+    text = (ROOT / "configs" / "demo.yaml").read_text()
+    text = text.replace("root: data/demo", f"root: {demo_dir}").replace("path: data/demo/model", f"path: {demo_dir / 'model'}")
+    path.write_text(text)
+    return path
+
+
+FRAME_SIZE = 32  # the demo's raw frames and the tiny tower's input
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=FRAME_SIZE, patch_size=4)  # 8x8 patches -> scale 2 -> a 4x4 token grid
+TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+
+
+def write_tiny_vlm(out: Path, tokenizer_dir: Path, preprocessor: dict | None = None, seed: int = 0,
+                   tie_word_embeddings: bool = False) -> Path:
+    """A random SmolVLM2-style model directory: weights, tokenizer, preprocessor_config.json.
+
+    Its tokenizer is the demo's with SmolVLM2's kind of added tokens: `<image>` already inside the vocabulary
+    (and the embedding matrix), eos `<end_of_utterance>`, pad a different token (no `<pad>` gets added).
+    """
+    from transformers import AutoTokenizer, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]})
+    tokenizer.eos_token = "<end_of_utterance>"
+    config = SmolVLMConfig(
+        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer)), vision_config=TINY_VISION, scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    preprocessor = preprocessor or {
+        "image_processor_type": "SmolVLMImageProcessor", "do_image_splitting": False, "resample": 1,
+        "size": {"longest_edge": 2 * FRAME_SIZE}, "max_image_size": {"longest_edge": FRAME_SIZE},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return out
 
 
 @pytest.fixture(scope="session")

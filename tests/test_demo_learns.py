@@ -8,8 +8,7 @@ import json
 import pytest
 
 import evaluate
-from conftest import ROOT
-from test_train import run_train
+from conftest import ROOT, run_train
 
 FIGURE_TOLERANCE = 0.03  # thread counts differ between machines; fp32 sums then differ in the last bits
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import evaluate
 import train
 from checkpoint import load_for_inference
 from config import load_config
-from conftest import ROOT, SAMPLE_CLIP, write_proassist_features
+from conftest import SAMPLE_CLIP, demo_config, run_train, tiny_overrides, write_proassist_features
 from clips import load_split
 from data import ClipDataset, FrameStore, Renderer, collate
 
@@ -22,14 +21,6 @@ SCHEMA = {
     "split", "checkpoint", "num_videos", "num_frames", "embedder", "thresholds", "speak", "nlg", "dst", "decisions",
     "seconds", "frames_per_second",
 }
-
-
-def demo_config(demo_dir: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "demo.yaml"
-    text = (ROOT / "configs" / "demo.yaml").read_text()
-    text = text.replace("root: data/demo", f"root: {demo_dir}").replace("path: data/demo/model", f"path: {demo_dir / 'model'}")
-    path.write_text(text)
-    return path
 
 
 def test_oracle_is_perfect_on_demo(demo_dir, tmp_path, capsys):
@@ -166,7 +157,6 @@ def test_repetition_guard():
 
 def test_half_stored_frozen_weights_evaluate_on_cpu(demo_dir, tmp_path):
     """A LoRA run with bf16-stored frozen weights (trained under bf16 autocast) evaluates on CPU in fp32."""
-    from test_train import run_train, tiny_overrides
     run_dir = tmp_path / "lora_bf16"
     run_train(tiny_overrides(demo_dir, run_dir, **{
         "train.precision": "bf16", "model.trainable": "lora", "model.frozen_dtype": "bf16", "model.lora_rank": 4,

@@ -19,8 +19,8 @@ import evaluate
 import train
 from checkpoint import CheckpointError, load_for_inference
 from config import Config, load_config
-from conftest import ROOT, SAMPLE_CLIP, cut_sample, write_proassist_features
-from clips import load_split, unclamped_frame
+from conftest import ROOT, SAMPLE_CLIP, cut_sample, demo_config, write_proassist_features
+from clips import load_split
 from data import ClipDataset, DataError, FrameStore, Renderer, collate
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,7 +118,6 @@ def test_clips_of_one_video_that_cannot_form_a_timeline_are_refused(tmp_path):
 
 
 def test_unknown_dataset_warning_only_for_real_unknown_names(demo_dir, tmp_path, capsys):
-    from test_evaluate import demo_config
     out = tmp_path / "demo"
     assert evaluate.main(["--config", str(demo_config(demo_dir, tmp_path)), "--oracle", "--embedder", "bow",
                           "--split", "val", "--out", str(out)]) == 0

@@ -19,6 +19,7 @@ PIL = pytest.importorskip("PIL", reason="raw JPEG frames need Pillow (pip instal
 from PIL import Image  # noqa: E402
 
 import demo  # noqa: E402
+from conftest import FRAME_SIZE, ROOT, TINY_VISION, write_tiny_vlm  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_for_inference, load_model_tensors, save_checkpoint  # noqa: E402
@@ -32,44 +33,6 @@ from frames import (  # noqa: E402
 )
 from backbones import FrameEncoder, build_frame_encoder, load_vlm, pooled_tokens  # noqa: E402
 from model import build_model, model_state_for_checkpoint  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-FRAME_SIZE = 32  # the demo's raw frames and the tiny tower's input
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=FRAME_SIZE, patch_size=4)  # 8x8 patches -> scale 2 -> a 4x4 token grid
-TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-
-
-def write_tiny_vlm(out: Path, tokenizer_dir: Path, preprocessor: dict | None = None, seed: int = 0,
-                   tie_word_embeddings: bool = False) -> Path:
-    """A random SmolVLM2-style model directory: weights, tokenizer, preprocessor_config.json.
-
-    Its tokenizer is the demo's with SmolVLM2's kind of added tokens: `<image>` already inside the vocabulary
-    (and the embedding matrix), eos `<end_of_utterance>`, pad a different token (no `<pad>` gets added).
-    """
-    from transformers import AutoTokenizer, SmolVLMConfig, SmolVLMForConditionalGeneration
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]})
-    tokenizer.eos_token = "<end_of_utterance>"
-    config = SmolVLMConfig(
-        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer)), vision_config=TINY_VISION, scale_factor=2,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=tie_word_embeddings,
-    )
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    preprocessor = preprocessor or {
-        "image_processor_type": "SmolVLMImageProcessor", "do_image_splitting": False, "resample": 1,
-        "size": {"longest_edge": 2 * FRAME_SIZE}, "max_image_size": {"longest_edge": FRAME_SIZE},
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    return out
-
 
 @pytest.fixture(scope="module")
 def raw_demo(tmp_path_factory) -> Path:

@@ -26,17 +26,16 @@ from data import ClipDataset, Renderer, load_tokenizer, new_token_ids
 from evaluate import StreamingRunner, Thresholds, assemble_videos, video_features
 from frames import FrameStore
 from backbones import load_vlm
+from conftest import ROOT, write_tiny_vlm
 from model import (
     LoRALinear, activation_checkpointing_active, build_model, checkpoint_names, is_trainable_name,
     set_activation_checkpointing,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def vlm_dir(tmp_path: Path, demo_dir: Path, tie: bool = False) -> Path:
     pytest.importorskip("PIL", reason="the tiny VLM's preprocessor test helpers need Pillow")
-    from test_raw_frames import write_tiny_vlm
 
     return write_tiny_vlm(tmp_path / "vlm", demo_dir / "model", tie_word_embeddings=tie)
 

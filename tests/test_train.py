@@ -7,9 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,45 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import train
-from conftest import ROOT
-
-PY = sys.executable
-
-
-def tiny_overrides(demo_dir: Path, run_dir: Path, **extra) -> list[str]:
-    """A fast, deterministic setting: small model from the demo, no workers, no length grouping."""
-    base = {
-        "data.root": str(demo_dir), "model.path": str(demo_dir / "model"), "run.dir": str(run_dir),
-        "data.num_workers": 0, "data.length_grouping": "false", "train.eval_every": 0, "train.log_every": 1,
-        "train.save_every": 100, "train.keep_last": 3, "optim.warmup_steps": 2, "train.micro_batch": 1,
-        "train.grad_accum": 1, "train.max_steps": 1, "optim.lr": 1e-3,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def run_train(overrides: list[str], nproc: int = 1, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if nproc == 1:
-        cmd = [PY, str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides]
-    else:
-        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def train_records(run_dir: Path) -> dict[int, dict]:
-    """The last logged train record of each step (a killed run may have logged steps it never saved)."""
-    records = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            records[r["step"]] = r
-    return records
-
+from conftest import PY, ROOT, run_train, tiny_overrides, train_records
 
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers

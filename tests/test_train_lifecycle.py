@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,25 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT
-from test_train import PY, run_train, tiny_overrides, train_records
-
-
-def start_train(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
-    return subprocess.Popen([*launcher, str(ROOT / "train.py"), str(ROOT / "configs" / "demo.yaml"), *overrides],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the run never logged step {step}: {proc.poll()}")
+from conftest import run_train, start_train, tiny_overrides, train_records, wait_for_step
 
 
 def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(demo_dir, tmp_path):
