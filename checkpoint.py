@@ -22,7 +22,8 @@ import os
 import random
 import re
 import shutil
-from contextlib import contextmanager
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,6 +33,22 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from config import Config, ConfigError, apply_override, from_dict, to_yaml
+from logs import no_transformers_progress_bars
+from model import build_model, load_model_state
+from sequence import load_tokenizer
+
+@dataclass
+class TrainState:
+    """The loop's position and counters; trainer_state.json holds them (with the batch plan and scaler)."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    cursor: int = 0  # optimizer steps of `epoch` done (the sampler's position)
+    tokens_seen: int = 0
+    frames_seen: int = 0
+    best_val_loss: Optional[float] = None
+    skipped_steps: int = 0  # non-finite steps skipped
+    max_steps: int = 0  # train.max_steps the run had when saved (a change rescales the learning-rate schedule)
+
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml")
@@ -232,26 +249,23 @@ def load_rng_state(ckpt: Path, rank: int) -> None:
     set_rng_state(load_file(str(tensors_path)), json.loads(plain_path.read_text()))
 
 
+def seed_rank(seed: int, rank: int, step: int, resume_from: Optional[Path]) -> None:
+    """Resume puts this rank's RNG exactly where the interrupted run had it (dropout masks continue identically);
+    a new run, or a rank the checkpoint has no state for, is seeded afresh, differently per rank."""
+    if resume_from is not None and (resume_from / f"rng_rank{rank}.json").is_file():
+        load_rng_state(resume_from, rank)
+        return
+    if resume_from is not None:
+        warnings.warn(f"{resume_from} has no RNG state for rank {rank} (it was saved with fewer ranks): "
+                      f"seeded afresh, so dropout masks differ from an uninterrupted run")
+    torch.manual_seed(seed + 1000 * rank + step)
+
+
 def load_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     path = ckpt / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: missing model.safetensors")
     return load_file(str(path))
-
-
-@contextmanager
-def no_transformers_progress_bars():
-    """Hide transformers' own "Loading weights" bar while we load; its warnings (e.g. a base model with
-    missing weights) still show. The previous setting is restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()):
@@ -260,9 +274,6 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu", ove
 
     `overrides` (`key=value`) apply before the model is built, so `model.path=/new/place` finds a base
     model that moved since training."""
-    from data import load_tokenizer
-    from model import build_model, load_model_state
-
     ckpt = Path(ckpt)
     check_complete(ckpt)
     cfg = read_config(ckpt, overrides)

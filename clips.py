@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from config import Config, ConfigError, split_files
-from frames import DataError
 
 ROLES = ("system", "user", "assistant", "DST_UPDATE")
 STATES = ("not_started", "in_progress", "completed")
@@ -26,6 +25,10 @@ TRANSITIONS = {"start": ("not_started", "in_progress"), "complete": ("in_progres
 
 # ----------------------------------------------------------------------------------------------------
 # Errors
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, clip and turn (or frame) and what to do."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Data: from clips to batches: the sequence builder, labels, clip policies, dataset, sampler, collate, and the data CLI.
+"""Data: from clips to batches: the invalid-clip and over-length policies, the dataset, the sampler, the batch
+plan, collate, and the data command line.
 
     python data.py make-demo --out data/demo [--seed 0] [--videos N] [--raw-frames]
     python data.py validate configs/demo.yaml            # key=value overrides allowed
@@ -6,231 +7,38 @@
     python data.py show configs/demo.yaml --split train --index 0 [--json]
     python data.py extract-features configs/smolvlm2.yaml --out features/smolvlm2   # a VLM's tower over raw frames
 
-Everything that decides what the model is trained on lives here and in clips.py (the clip model, the one
-event-frame rule and the dialogue state), once:
+What a clip is (the event-frame rule, the dialogue state) lives in clips.py, how it becomes tokens and labels in
+sequence.py; this module decides which clips a run uses and how they are batched:
 
-* `Renderer` turns a clip into tokens piece by piece; streaming inference feeds the same
-  pieces one at a time, so training and inference see the same sequence.
-* `nfs_keep` draws the negative-frame sub-sample from (seed, epoch, clip index).
-* `usable_clips` applies data.on_invalid_clip and data.on_overlength to a split, once, for the trainer and
-  the evaluator alike; `split_clip` cuts an over-length clip into sub-clips that fit.
+* `usable_clips` applies data.on_invalid_clip and data.on_overlength to a split, once, for the trainer and the
+  evaluator alike (`fit_clip` is the over-length rule, shared with `validate`; `split_clip` cuts a clip into
+  sub-clips that fit).
+* `ClipDataset` renders and labels clips on demand; `ClipBatchSampler` hands out optimizer steps of
+  `BatchPlan.clips_per_step` clips, resumable; `collate` pads and precomputes the gather rows.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
+import torch
 
+import demo
 from clips import (
-    Clip, FrameEvents, Problem, Step, clip_where, event_frame, format_transitions, initial_state, load_split,
+    Clip, DataError, FrameEvents, Problem, clip_where, event_frame, format_transitions, initial_state, load_split,
     read_split_file, state_trajectory,
 )
 from config import Config, ConfigError, load_config, split_files
-from frames import DataError, FeatureDimError, FramePreprocessing, FrameStore, RawFrameReader
-
-SPECIAL_TOKENS = ("<image>", "[USER]", "[DST]", "[ASST]")
-PAD_TOKEN = "<pad>"
-IGNORE = -100
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer and the sequence layout
-
-
-def load_tokenizer(path):
-    """The model directory's tokenizer with the project's special tokens added.
-
-    A distinct <pad> is added when the tokenizer has none or when pad == eos: with pad == eos, anything that
-    tells padding by its id (labels masked where input_ids == pad, as common collators do) also hides every
-    real EOS, and the model never learns to stop. A distinct <pad> keeps the two apart everywhere.
-    """
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise ConfigError(f"model.path '{path}' is not a directory (it needs config.json and the tokenizer files)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"{path}: tokenizer has no eos token; the sequence layout needs one to end blocks")
-    extra: dict[str, Any] = {"additional_special_tokens": list(SPECIAL_TOKENS)}
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        extra["pad_token"] = PAD_TOKEN
-    tokenizer.add_special_tokens(extra, replace_extra_special_tokens=False)
-    return tokenizer
-
-
-def new_token_ids(tokenizer) -> list[int]:
-    """Ids of the tokens this project adds (role/image tokens and, where added, <pad>)."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-    if tokenizer.pad_token == PAD_TOKEN:
-        ids.append(tokenizer.pad_token_id)
-    return sorted(ids)
-
-
-def system_prompt_text(system_text: str, steps: list[Step], state: dict[str, str]) -> str:
-    """The exact system prompt (pinned by a test), including the trailing newline."""
-    lines = [system_text, "Task steps:"]
-    lines += [f"{step.id}: {step.name}" for step in steps]
-    lines.append("Current state: " + ", ".join(f"{step.id}: {state[step.id]}" for step in steps))
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class RenderedClip:
-    input_ids: np.ndarray  # (T,) int64
-    asst_targets: np.ndarray  # (T,) int64, next-token target or -100
-    dst_targets: np.ndarray  # (T,) int64
-    decision_positions: np.ndarray  # (num_frames,) int64: last token of frame k's input
-    speak_events: np.ndarray  # (num_frames,) bool: an assistant block follows
-    dst_events: np.ndarray  # (num_frames,) bool: a DST block follows
-    token_frames: np.ndarray  # (T,) int64: absolute frame of each token, -1 for the prompt
-    frame_texts: dict[int, FrameEvents]  # the events per absolute frame, for dumps
-
-
-class Renderer:
-    """Tokenises the pieces of the sequence layout. Training renders whole clips with `render`; the
-    streaming evaluator calls `prompt`, `frame`, `user_block`, `dst_block`, `asst_block` one at a time.
-    Each piece is tokenised on its own, so the concatenation is the same however it is fed."""
-
-    def __init__(self, tokenizer, num_tokens_per_frame: int):
-        self.tokenizer = tokenizer
-        self.num_tokens_per_frame = num_tokens_per_frame
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        unknown = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
-        if unknown:
-            raise ValueError(f"tokenizer lacks {unknown}: load it with data.load_tokenizer")
-        self.image_id, self.user_id, self.dst_id, self.asst_id = (ids[t] for t in SPECIAL_TOKENS)
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id
-        if self.pad_id is None or self.pad_id == self.eos_id:
-            raise ValueError("pad must exist and differ from eos: load the tokenizer with data.load_tokenizer")
-        # BOS only where the tokenizer itself prepends one.
-        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
-
-    def text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def prompt(self, system_text: str, steps: list[Step], state: dict[str, str]) -> list[int]:
-        bos = [self.bos_id] if self.bos_id is not None else []
-        return bos + self.text(system_prompt_text(system_text, steps, state))
-
-    def frame(self) -> list[int]:
-        return [self.image_id] * self.num_tokens_per_frame
-
-    def user_block(self, text: str) -> list[int]:
-        return [self.user_id] + self.text(text) + [self.eos_id]
-
-    def dst_block(self, transitions: list[tuple[str, str]]) -> list[int]:
-        return [self.dst_id] + self.text(format_transitions(transitions)) + [self.eos_id]
-
-    def asst_block(self, texts: list[str] | str) -> list[int]:
-        text = texts if isinstance(texts, str) else " ".join(texts)
-        return [self.asst_id] + self.text(text) + [self.eos_id]
-
-    def generated_blocks_budget(self, max_dst_tokens: int, max_new_tokens: int) -> int:
-        """The most tokens a frame's generated blocks can add to a streamed context: a [DST] and an [ASST] block
-        of at most `max_dst_tokens` / `max_new_tokens` generated tokens, each with its role token and its EOS
-        (4), plus 2 tokens of slack. Where the stream decides whether a frame still fits, this is the room it
-        keeps free beyond the frame's own tokens."""
-        return max_dst_tokens + max_new_tokens + 6
-
-    def render(self, clip: Clip) -> RenderedClip:
-        ids: list[int] = self.prompt(clip.system_text, clip.steps, clip.initial_state())
-        frames: list[int] = [-1] * len(ids)
-        asst_targets: list[int] = [IGNORE] * len(ids)
-        dst_targets: list[int] = [IGNORE] * len(ids)
-        events = clip.events()
-        n = clip.num_frames
-        decision = np.zeros(n, dtype=np.int64)
-        speak = np.zeros(n, dtype=bool)
-        update = np.zeros(n, dtype=bool)
-
-        def add(tokens: list[int], frame: int, targets: Optional[list[int]] = None) -> None:
-            ids.extend(tokens)
-            frames.extend([frame] * len(tokens))
-            if targets is dst_targets:
-                # Block [R] t1 .. tn EOS: positions of [R] .. tn predict t1 .. EOS; the EOS position predicts nothing.
-                dst_targets.extend(tokens[1:] + [IGNORE])
-                asst_targets.extend([IGNORE] * len(tokens))
-            elif targets is asst_targets:
-                asst_targets.extend(tokens[1:] + [IGNORE])
-                dst_targets.extend([IGNORE] * len(tokens))
-            else:
-                asst_targets.extend([IGNORE] * len(tokens))
-                dst_targets.extend([IGNORE] * len(tokens))
-
-        for i, k in enumerate(range(clip.start, clip.end)):
-            ev = events.get(k)
-            add(self.frame(), k)
-            if ev is not None:
-                for text in ev.user_texts:
-                    add(self.user_block(text), k)
-            decision[i] = len(ids) - 1
-            if ev is not None and ev.transitions:
-                update[i] = True
-                add(self.dst_block(ev.transitions), k, dst_targets)
-            if ev is not None and ev.asst_texts:
-                speak[i] = True
-                add(self.asst_block(ev.asst_texts), k, asst_targets)
-        return RenderedClip(
-            input_ids=np.asarray(ids, dtype=np.int64),
-            asst_targets=np.asarray(asst_targets, dtype=np.int64),
-            dst_targets=np.asarray(dst_targets, dtype=np.int64),
-            decision_positions=decision, speak_events=speak, dst_events=update,
-            token_frames=np.asarray(frames, dtype=np.int64), frame_texts=events,
-        )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Labels and negative-frame sub-sampling
-
-
-def nfs_keep(speak_events: np.ndarray, dst_events: np.ndarray, rho: float, seed: int, epoch: int,
-             clip_key: int | list[int]) -> np.ndarray:
-    """Frames whose head labels are kept: all event frames plus a seeded sample of the silent ones.
-
-    Positives of one head are always-kept ("hard") negatives of the other. The silent sample depends only
-    on (seed, epoch, clip key), so every rank, resume and re-run draws the same frames. The key is the clip
-    index, or `Clip.nfs_key` (index and part) for a sub-clip.
-    """
-    keep = speak_events | dst_events
-    silent = np.flatnonzero(~keep)
-    if len(silent) and rho < 1.0:
-        n_keep = max(1, int(math.floor(rho * len(silent) + 0.5)))  # round half up, the same on every platform
-        rng = np.random.default_rng([seed, epoch, *np.atleast_1d(clip_key).tolist()])
-        keep = keep.copy()
-        keep[rng.choice(silent, size=min(n_keep, len(silent)), replace=False)] = True
-    elif len(silent):
-        keep = np.ones_like(keep)
-    return keep
-
-
-def head_labels(rendered: RenderedClip, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(speak_labels, dst_labels), each (T,): 0/1 at kept decision positions, -100 elsewhere."""
-    T = len(rendered.input_ids)
-    speak = np.full(T, IGNORE, dtype=np.int64)
-    update = np.full(T, IGNORE, dtype=np.int64)
-    positions = rendered.decision_positions[keep]
-    speak[positions] = rendered.speak_events[keep]
-    update[positions] = rendered.dst_events[keep]
-    return speak, update
-
-
-def rho_at(cfg: Config, step: int) -> float:
-    """The NFS rate at an optimizer step: constant, or linear from nfs_rho_start to nfs_rho_end."""
-    if cfg.data.nfs_schedule == "constant":
-        return cfg.data.nfs_rho
-    frac = min(max(step / max(cfg.train.max_steps, 1), 0.0), 1.0)
-    return cfg.data.nfs_rho_start + frac * (cfg.data.nfs_rho_end - cfg.data.nfs_rho_start)
-
+from extract import extract_features
+from frames import FeatureDimError, FramePreprocessing, FrameStore, RawFrameReader
+from sequence import IGNORE, Renderer, head_labels, load_tokenizer, nfs_keep
 
 # ----------------------------------------------------------------------------------------------------
 # Usable clips: the invalid-clip and over-length policies (data.on_invalid_clip, data.on_overlength)
@@ -331,6 +139,25 @@ def clip_pieces(clip: Clip, bounds: list[tuple[int, int]]) -> list[Clip]:
     return pieces
 
 
+def fit_clip(clip: Clip, renderer: Renderer, cfg: Config) -> tuple[int, Optional[list[Clip]], Optional[str]]:
+    """What data.on_overlength makes of one clip: (its rendered tokens, the clips to train on, why there are none).
+
+    A clip within data.max_seq_len is used as it is. Over it: under `split` its sub-clips (`piece_bounds`,
+    `clip_pieces`), or why no cut fits; under `error` and `drop` none, with the reason (the caller refuses or
+    drops). The one over-length rule of the trainer, the evaluator and `validate`."""
+    n = len(renderer.render(clip).input_ids)
+    max_len = cfg.data.max_seq_len
+    if n <= max_len:
+        return n, [clip], None
+    over = f"renders to {n} tokens, over data.max_seq_len={max_len}"
+    if cfg.data.on_overlength != "split":
+        return n, None, over
+    try:
+        return n, clip_pieces(clip, piece_bounds(clip, renderer, max_len)), None
+    except DataError as err:
+        return n, None, f"{over}, and data.on_overlength=split cannot cut it: {err}"
+
+
 def split_clip(clip: Clip, renderer: Renderer, max_seq_len: int) -> list[Clip]:
     """Cut an over-length clip at frame boundaries into sub-clips of at most `max_seq_len` tokens each
     (`piece_bounds`, `clip_pieces`). They keep the clip's file, index and video_uid; `part` numbers them."""
@@ -404,31 +231,26 @@ def usable_clips(cfg: Config, split: str, tokenizer=None,
     report = SplitReport(split)
     usable: list[Clip] = []
     over: list[tuple[Clip, int]] = []
-    max_len = cfg.data.max_seq_len
     for clip in clips:
         if skip and clip.index in invalid:
             continue
-        n = len(renderer.render(clip).input_ids) if renderer is not None else None
-        if n is None or n <= max_len:
+        if renderer is None:
             usable.append(clip)
-            if n is not None:
-                report.lengths.append(n)
+            continue
+        n, pieces, why_not = fit_clip(clip, renderer, cfg)
+        if pieces == [clip]:
+            usable.append(clip)
+            report.lengths.append(n)
+        elif pieces is not None:
+            report.split_clips.append((clip, n, len(pieces)))
+            usable.extend(pieces)
+            report.lengths.extend(len(renderer.render(piece).input_ids) for piece in pieces)
         elif cfg.data.on_overlength == "error":
             over.append((clip, n))
         elif cfg.data.on_overlength == "drop":
             report.dropped.append((clip, n))
-        else:
-            try:
-                pieces = clip_pieces(clip, piece_bounds(clip, renderer, max_len))
-            except DataError as err:  # an invalid clip like any other: refused, or skipped under skip
-                invalid.setdefault(clip.index, []).append(Problem(
-                    "ERROR", clip.file, f"renders to {n} tokens, over data.max_seq_len={max_len}, and "
-                    f"data.on_overlength=split cannot cut it: {err}", clip.index, clip.video_uid,
-                ))
-                continue
-            report.split_clips.append((clip, n, len(pieces)))
-            usable.extend(pieces)
-            report.lengths.extend(len(renderer.render(piece).input_ids) for piece in pieces)
+        else:  # split found no cut: an invalid clip like any other, refused, or skipped under skip
+            invalid.setdefault(clip.index, []).append(Problem("ERROR", clip.file, why_not, clip.index, clip.video_uid))
 
     refusals = []
     if file_errors:
@@ -444,7 +266,7 @@ def usable_clips(cfg: Config, split: str, tokenizer=None,
         listing = "; ".join(f"{clip_where(c)}: {n} tokens" for c, n in over[:10])
         more = f"; ... and {len(over) - 10} more" if len(over) > 10 else ""
         refusals.append(
-            f"{len(over)} clip(s) exceed data.max_seq_len={max_len} ({listing}{more}). Set data.on_overlength=split "
+            f"{len(over)} clip(s) exceed data.max_seq_len={cfg.data.max_seq_len} ({listing}{more}). Set data.on_overlength=split "
             f"to cut them into sub-clips that fit, or data.on_overlength=drop to run without them."
         )
     files = ", ".join(map(str, split_files(cfg, split)))
@@ -536,41 +358,73 @@ class ClipDataset:
         return self.item(key)
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How an optimizer step's clips are split: `micro_batch` clips per forward pass, `grad_accum` passes per rank,
+    `world_size` ranks. Their product, `clips_per_step`, is the global batch: the sampler cuts the data into steps
+    of that many clips, the loss is normalised over all of them, and a checkpoint's data position counts such
+    steps, so any plan with the same clips per step computes and resumes the same thing."""
+    micro_batch: int
+    grad_accum: int
+    world_size: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> BatchPlan:
+        return cls(cfg.train.micro_batch, cfg.train.grad_accum, world_size)
+
+    @property
+    def clips_per_rank(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    @property
+    def clips_per_step(self) -> int:
+        return self.world_size * self.clips_per_rank
+
+    def with_micro_batch(self, micro_batch: int) -> BatchPlan:
+        """The same clips per rank and step in micro-batches of `micro_batch` (a divisor of clips_per_rank)."""
+        if self.clips_per_rank % micro_batch:
+            raise ValueError(f"micro_batch {micro_batch} does not divide {self.clips_per_rank} clips per rank")
+        return dataclasses.replace(self, micro_batch=micro_batch, grad_accum=self.clips_per_rank // micro_batch)
+
+    def __str__(self) -> str:
+        return f"{self.world_size}x{self.micro_batch}x{self.grad_accum}"
+
+    def describe(self) -> str:
+        return (f"{self.micro_batch} clip(s) per micro-batch x {self.grad_accum} accumulation step(s) x {self.world_size} "
+                f"rank(s) = {self.clips_per_step} clips per optimizer step")
+
+
 class ClipBatchSampler:
     """Deterministic distributed batch sampler whose position is counted in optimizer steps.
 
     Each epoch: a permutation seeded by (seed, epoch), optionally sorted by length within mega-batches (less
-    padding, same content), cut into optimizer steps of `clips_per_step` = world_size x micro_batch x
-    grad_accum clips; with length grouping the steps are shuffled again (seeded) and each step's clips are
-    sorted by length. Clip j of a step goes to micro-step j // (world_size x micro_batch) on rank
-    (j // micro_batch) % world_size. Which clips make up each step depends only on (seed, epoch, clips_per_step),
-    never on how a step is split over ranks and micro-batches: a checkpoint's position (epoch, steps done)
-    names the same data under any split of the same global batch, and with the globally normalised loss the
-    step is the same computation. The incomplete last step of an epoch is dropped, so every rank runs the same
-    number of steps. The iterator is endless (epoch after epoch) and yields this rank's micro-batches;
-    `start(epoch, cursor)` makes it begin at step `cursor` of `epoch` (how a checkpoint resumes).
-    `rho_fn(epoch, step_in_epoch)` gives the NFS rate of a step's micro-batches.
+    padding, same content), cut into optimizer steps of `plan.clips_per_step` clips; with length grouping the
+    steps are shuffled again (seeded) and each step's clips are sorted by length. Clip j of a step goes to
+    micro-step j // (world_size x micro_batch) on rank (j // micro_batch) % world_size. Which clips make up each
+    step depends only on (seed, epoch, clips_per_step), never on how a step is split over ranks and
+    micro-batches: a checkpoint's position (epoch, steps done) names the same data under any plan with the same
+    clips per step, and with the globally normalised loss the step is the same computation. The incomplete last
+    step of an epoch is dropped, so every rank runs the same number of steps. The iterator is endless (epoch
+    after epoch) and yields this rank's micro-batches; `start(epoch, cursor)` makes it begin at step `cursor` of
+    `epoch` (how a checkpoint resumes). `rho_fn(epoch, step_in_epoch)` gives the NFS rate of a step's
+    micro-batches.
     """
 
-    def __init__(self, lengths: list[int], micro_batch: int, grad_accum: int = 1, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, length_grouping: bool = True, rho_fn=None,
-                 mega_batch_factor: int = 32):
+    def __init__(self, lengths: list[int], plan: BatchPlan, rank: int = 0, seed: int = 0,
+                 length_grouping: bool = True, rho_fn=None, mega_batch_factor: int = 32):
         self.lengths = list(lengths)
-        self.micro_batch = micro_batch
-        self.grad_accum = grad_accum
+        self.plan = plan
         self.rank = rank
-        self.world_size = world_size
         self.seed = seed
         self.length_grouping = length_grouping
         self.rho_fn = rho_fn or (lambda epoch, step: 1.0)
-        self.clips_per_step = world_size * micro_batch * grad_accum
-        self.mega = self.clips_per_step * mega_batch_factor
-        if len(self.lengths) < self.clips_per_step:
+        self.mega = plan.clips_per_step * mega_batch_factor
+        if len(self.lengths) < plan.clips_per_step:
             raise DataError(
-                f"{len(self.lengths)} clips cannot fill one optimizer step of {self.clips_per_step} clips "
-                f"({world_size} rank(s) x micro_batch {micro_batch} x grad_accum {grad_accum})"
+                f"{len(self.lengths)} clips cannot fill one optimizer step of {plan.clips_per_step} clips "
+                f"({plan.world_size} rank(s) x micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum})"
             )
-        self.steps_per_epoch = len(self.lengths) // self.clips_per_step
+        self.steps_per_epoch = len(self.lengths) // plan.clips_per_step
         self.epoch, self.cursor = 0, 0
 
     def start(self, epoch: int, cursor: int) -> None:
@@ -582,7 +436,7 @@ class ClipBatchSampler:
         if self.length_grouping:
             chunks = [order[i:i + self.mega] for i in range(0, len(order), self.mega)]
             order = [i for chunk in chunks for i in sorted(chunk, key=lambda j: -self.lengths[j])]
-        n = self.clips_per_step
+        n = self.plan.clips_per_step
         steps = [order[s * n:(s + 1) * n] for s in range(self.steps_per_epoch)]
         if self.length_grouping:
             # Sorting put the longest steps first in every mega-batch; shuffle the steps (same on all ranks).
@@ -592,8 +446,8 @@ class ClipBatchSampler:
 
     def step_micro_batches(self, step: list[int]) -> list[list[int]]:
         """This rank's micro-batches of one step, in micro-step order."""
-        mb, world = self.micro_batch, self.world_size
-        return [step[(i * world + self.rank) * mb:(i * world + self.rank + 1) * mb] for i in range(self.grad_accum)]
+        mb, world = self.plan.micro_batch, self.plan.world_size
+        return [step[(i * world + self.rank) * mb:(i * world + self.rank + 1) * mb] for i in range(self.plan.grad_accum)]
 
     def __iter__(self) -> Iterator[list[ItemKey]]:
         epoch, cursor = self.epoch, self.cursor
@@ -607,14 +461,12 @@ class ClipBatchSampler:
             epoch, cursor = epoch + 1, 0
 
     def __len__(self) -> int:
-        return self.steps_per_epoch * self.grad_accum
+        return self.steps_per_epoch * self.plan.grad_accum
 
 
 def collate(items: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict:
     """Right-pad with the distinct pad id (up to a multiple of `pad_to_multiple`: fewer distinct shapes for a
     compiled model); frame features concatenated in row-major (b, t) order."""
-    import torch
-
     longest = max(len(it["input_ids"]) for it in items)
     T = -(-longest // pad_to_multiple) * pad_to_multiple
     B = len(items)
@@ -659,6 +511,24 @@ def collate(items: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict:
     return batch
 
 
+def model_inputs(batch: dict, all_frames: bool = False) -> dict:
+    """The model's view of a collated batch: which positions need the LM head and which the decision heads.
+
+    The positions come as flat row indices precomputed by `collate` (no host sync in the forward), and the text
+    targets with them, so the model fuses the LM head with the cross-entropy. Right padding needs no attention
+    mask (attention is causal). `all_frames` reads the heads at every decision position (validation, streaming
+    comparisons) instead of the NFS-kept ones."""
+    return dict(
+        input_ids=batch["input_ids"], frame_features=batch["frame_features"], frame_pixels=batch.get("frame_pixels"),
+        text_rows=batch["text_rows"],
+        head_rows=batch["decision_rows"] if all_frames else batch["head_rows"], text_targets=batch["text_targets"],
+    )
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class Collator:
     """Picklable collate_fn for DataLoader workers."""
 
@@ -686,7 +556,6 @@ def validate(cfg: Config, splits: list[str], tokenizer=None, check_frames: bool 
     # Validation reads everything: every feature row, or every raw frame decoded.
     check = raw_frames.verify if raw_frames is not None else store.check
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame) if tokenizer is not None else None
-    max_len = cfg.data.max_seq_len
     for split in splits:
         clips, split_problems = load_split(cfg, split)
         problems.extend(split_problems)
@@ -696,21 +565,13 @@ def validate(cfg: Config, splits: list[str], tokenizer=None, check_frames: bool 
                 problems.append(problem)
             if renderer is None:
                 continue
-            n = len(renderer.render(clip).input_ids)
-            if n <= max_len:
-                continue
-            over = f"clip renders to {n} tokens, over data.max_seq_len={max_len}"
-            if cfg.data.on_overlength != "split":
-                problems.append(Problem("ERROR", clip.file, over, clip.index, clip.video_uid))
-                continue
-            try:
-                pieces = piece_bounds(clip, renderer, max_len)
-            except DataError as err:
-                problems.append(Problem("ERROR", clip.file, f"{over}, and data.on_overlength=split cannot cut it: {err}",
-                                        clip.index, clip.video_uid))
-                continue
-            problems.append(Problem("WARNING", clip.file, f"{over}; data.on_overlength=split cuts it into "
-                                    f"{len(pieces)} sub-clips", clip.index, clip.video_uid))
+            n, pieces, why_not = fit_clip(clip, renderer, cfg)
+            if pieces is None:
+                problems.append(Problem("ERROR", clip.file, f"clip {why_not}", clip.index, clip.video_uid))
+            elif pieces != [clip]:
+                problems.append(Problem("WARNING", clip.file, f"clip renders to {n} tokens, over data.max_seq_len="
+                                        f"{cfg.data.max_seq_len}; data.on_overlength=split cuts it into {len(pieces)} "
+                                        f"sub-clips", clip.index, clip.video_uid))
     return problems
 
 
@@ -841,8 +702,6 @@ def cmd_show(args) -> int:
 
 
 def cmd_make_demo(args) -> int:
-    import demo
-
     summary = demo.make_demo(args.out, seed=args.seed, num_videos=args.videos, raw_frames=args.raw_frames,
                              frame_size=args.frame_size)
     print(json.dumps(summary, indent=2))
@@ -850,8 +709,6 @@ def cmd_make_demo(args) -> int:
 
 
 def cmd_extract_features(args) -> int:
-    from frames import extract_features
-
     cfg = load_config(args.config, args.overrides)
     summary = extract_features(cfg, args.out, frames_path=args.frames, device=args.device, num_workers=args.workers)
     print(json.dumps(summary, indent=2))

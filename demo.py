@@ -35,6 +35,8 @@ the seed at all.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -45,11 +47,15 @@ import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from clips import STATES
+from frames import require_pillow
+from metrics import DEMO_DATASET
+
 # ---------------------------------------------------------------------------------------------------------
 # Format constants (the clip fields of docs/data_format.md)
 # ---------------------------------------------------------------------------------------------------------
 
-DATASET_NAME = "demo"
+DATASET_NAME = DEMO_DATASET  # metrics scores it with the default window
 FPS = 2
 FEATURE_DIM = 64
 NUM_PATCHES = 4  # the `2x2` column; I = 5 uses cls + these four
@@ -181,9 +187,6 @@ QUESTIONS = {
     "current": "What step am I on?",
 }
 QUESTION_KINDS = tuple(QUESTIONS)
-
-STATES = ("not_started", "in_progress", "completed")
-
 
 def answer_question(kind: str, task: Task, current_step: int) -> str:
     """The answer to a user question asked while step `current_step` (1-based) is in progress."""
@@ -488,11 +491,6 @@ def render_frame_images(plan: VideoPlan, prototypes: Prototypes, rng: np.random.
 
 def write_raw_frames(path: Path, images: np.ndarray) -> None:
     """One Arrow IPC file per video in the raw-frame layout: column `frame`, base64 JPEG, row k = frame k."""
-    import base64
-    import io
-
-    from frames import require_pillow
-
     Image = require_pillow()
     cells = []
     for pixels in images:
@@ -529,8 +527,8 @@ def tokenizer_corpus() -> list[str]:
 def train_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (any text is encodable) trained on `tokenizer_corpus()`.
 
-    pad is set equal to eos on purpose: the data loader must detect it and add a distinct <pad>
-    (the user's earlier attempt never trained EOS because of exactly this).
+    pad is set equal to eos on purpose, as many real tokenizers ship: the data loader must detect it and add a
+    distinct <pad>, or every EOS would be masked as padding and never trained.
     """
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -10,407 +10,39 @@ Outputs go to <ckpt>/eval_<split>/ (or --out): predictions.jsonl (one line per f
 metrics.json (docs/evaluation.md#metricsjson) and report.html (summary, per-video timelines of both heads, the
 replies matched, missed and redundant, the DST updates and the state grid, metric definitions).
 
-Per frame: feed <image> x I and the user turns of that frame, read both heads at the decision position; if
-p_dst > dst_threshold feed [DST] and greedy-decode the transitions; if p_speak > speak_threshold feed
-[ASST] and greedy-decode the reply. Generated tokens and their EOS stay in the cache, as in training. The
-pieces come from data.Renderer, the same code that renders training sequences.
+The stream itself (stream.py) feeds each frame and the blocks the heads ask for, with the same pieces
+sequence.Renderer renders training sequences from; this script chooses the videos, runs the stream for each
+threshold pair, scores the records and writes the outputs.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 import metrics
 import nlg
-from model import cast_for_inference, configure_attention, prefer_expandable_segments
-from report import markdown_summary, write_report
-from train import choose_precision
 from checkpoint import CheckpointError, load_for_inference, read_config, require_checkpoint
+from clips import DataError, FrameEvents
 from config import Config, ConfigError, load_config
-from clips import (
-    Clip, FrameEvents, Step, Turn, apply_transition, event_frame, format_transitions, group_turns, parse_transitions,
-    state_trajectory,
+from data import raw_frame_reader, usable_clips
+from frames import FrameStore, RawFrameReader
+from logs import Progress
+from model import (
+    cast_for_inference, configure_attention, device_capability, inference_precision, prefer_expandable_segments,
 )
-from data import Renderer, raw_frame_reader, usable_clips
-from frames import DataError, FrameStore, Progress, RawFrameReader, raw_video_features
-from demo import DATASET_NAME as DEMO_DATASET
-
-# ----------------------------------------------------------------------------------------------------
-# Whole videos from clips
-
-
-@dataclass
-class Video:
-    video_uid: str
-    dataset: str
-    fps: float
-    start: int  # first clip's start frame
-    end: int  # last clip's end frame (exclusive)
-    steps: list[Step]
-    system_text: str
-    initial_state: dict[str, str]
-    events: dict[int, FrameEvents]  # union of the clips' events, de-duplicated
-    clips: list[Clip]
-
-    @property
-    def num_frames(self) -> int:
-        return self.end - self.start
-
-    def reference_states(self) -> list[dict[str, str]]:
-        """State after each frame's updates: initial + updates at earlier or equal frames (docs/sequence.md#dialogue-state)."""
-        return state_trajectory(self.initial_state, (self.events.get(k, FrameEvents()).transitions
-                                                     for k in range(self.start, self.end)))
-
-
-def video_turns(clips: list[Clip], start: int, end: int) -> list[Turn]:
-    """The clips' timed turns placed on the whole video [start, end), repeats of overlapping clips removed.
-
-    A turn's frame is recomputed with the one event-frame rule over the whole video: inside its clip the
-    turn may have been clamped to the clip's first frame, so the same turn in two clips that share a
-    boundary would otherwise sit at two frames and be counted twice. A (frame, role, content) is then kept
-    as many times as the clip holding it most often has it, so identical turns within one clip survive.
-    """
-    kept: Counter = Counter()
-    turns: list[Turn] = []
-    for clip in clips:
-        in_clip: Counter = Counter()
-        for turn in clip.turns:
-            if turn.time is None:  # the leading system turn: the prompt, not an event
-                continue
-            placed = dataclasses.replace(turn, frame=event_frame(turn.time, clip.fps, start, end))
-            key = (placed.frame, placed.role, json.dumps(placed.content))
-            in_clip[key] += 1
-            if in_clip[key] > kept[key]:
-                kept[key] += 1
-                turns.append(placed)
-    # Stable: within a frame, clip order then conversation order, as the renderer groups them.
-    return sorted(turns, key=lambda t: t.frame)
-
-
-def assemble_videos(clips: list[Clip]) -> list[Video]:
-    """Group clips by video_uid, order by clip_idx; events of the whole video, de-duplicated by (frame, role,
-    content) after placing every turn on the whole video."""
-    by_uid: dict[str, list[Clip]] = {}
-    for clip in clips:
-        by_uid.setdefault(clip.video_uid, []).append(clip)
-    videos = []
-    for uid, group in by_uid.items():
-        group.sort(key=lambda c: (c.clip_idx, c.start))
-        first = group[0]
-        if min(c.start for c in group) < first.start:
-            raise DataError(f"video {uid}: a clip starts before clip_idx {first.clip_idx} (frame {first.start}); "
-                            f"clip_idx must follow the clips' start frames")
-        if len({c.fps for c in group}) > 1:
-            raise DataError(f"video {uid}: its clips disagree on fps ({sorted({c.fps for c in group})})")
-        covered = set()
-        for clip in group:
-            covered.update(range(clip.start, clip.end))
-        start, end = first.start, max(c.end for c in group)
-        gaps = sorted(set(range(start, end)) - covered)
-        if gaps:
-            raise DataError(f"video {uid}: its clips leave frames uncovered (first: {gaps[0]}, {len(gaps)} in all)")
-        events = group_turns(video_turns(group, start, end))
-        videos.append(Video(uid, first.dataset, first.fps, start, end, first.steps, first.system_text,
-                            first.initial_state(), events, group))
-    return videos
-
-
-def video_features(video: Video, store: FrameStore, num_tokens_per_frame: int) -> np.ndarray:
-    """(num_frames, I, F) features over the whole video, each frame read from a clip that covers it."""
-    out: Optional[np.ndarray] = None
-    for clip in video.clips:
-        feats = store.features(clip).reshape(clip.num_frames, num_tokens_per_frame, -1)
-        if out is None:
-            out = np.zeros((video.num_frames, num_tokens_per_frame, feats.shape[-1]), dtype=np.float32)
-        out[clip.start - video.start:clip.end - video.start] = feats
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Streaming inference
-
-
-@dataclass
-class FrameRecord:
-    frame: int
-    p_speak: float
-    p_dst: float
-    speak: bool
-    dst: bool
-    asst_text: Optional[str] = None
-    dst_text: Optional[str] = None
-    transitions: list = field(default_factory=list)  # parsed (step, transition), legal or not
-    num_invalid: int = 0
-
-
-@dataclass
-class Thresholds:
-    speak: float
-    dst: float
-
-
-@dataclass
-class Segment:
-    """One frame of the stream's current context in the training layout: its frame tokens and user blocks, then
-    the DST and assistant blocks fed after its decision, each closed by its EOS. `state` is the tracked state when
-    the frame began: the state a prompt placed right before this frame must show."""
-    frame_index: int  # in the video
-    tokens: list[int]
-    state: dict[str, str]
-
-
-class StreamingRunner:
-    """One video at a time, one frame at a time, KV cache on. Context pieces come from data.Renderer.
-
-    The cache is a `model.PreallocatedCache` of `data.max_seq_len` positions, allocated once and reused for
-    every video (`cache="dynamic"` uses transformers' growing DynamicCache instead; both give the same
-    probabilities). A video's features are moved to the device once. Per frame there is one host sync (both
-    head probabilities read together), plus one per generated token.
-
-    `context_ids` mirrors, token for token, what the cache holds; `segments` holds the current context's frames
-    as `Segment`s, which is what `drop_middle` keeps when the context is full.
-    """
-
-    def __init__(self, model, renderer: Renderer, cfg: Config, device: torch.device, teacher_forced: bool = False,
-                 dtype: torch.dtype = torch.float32, cache: str = "preallocated"):
-        from model import PreallocatedCache
-
-        if cache not in ("preallocated", "dynamic"):
-            raise ValueError(f"cache must be 'preallocated' or 'dynamic', got {cache!r}")
-        self.model = model
-        self.renderer = renderer
-        self.cfg = cfg
-        self.device = device
-        self.teacher_forced = teacher_forced
-        self.budget = cfg.data.max_seq_len - cfg.eval.context_margin
-        self.blocks_budget = renderer.generated_blocks_budget(cfg.eval.max_dst_tokens, cfg.eval.max_new_tokens)
-        self.worst_frame = renderer.num_tokens_per_frame + self.blocks_budget  # a frame without user turns, both blocks full
-        self.context_resets = 0
-        num_layers = model.backbone.config.get_text_config().num_hidden_layers
-        self._preallocated = PreallocatedCache(num_layers, cfg.data.max_seq_len) if cache == "preallocated" else None
-        # The same compute precision as training; the heads run in fp32 inside the model regardless.
-        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-        if dtype != torch.float32:
-            # Inference stores every weight in the compute dtype: autocast would otherwise cast each fp32 weight
-            # again at every frame (its cast cache lives for one autocast region), which for a 1B model costs
-            # more than the frame itself. The heads stay fp32 and buffers (rotary frequencies) as in training.
-            cast_for_inference(model, dtype)
-        self._no_rows = torch.zeros(0, dtype=torch.long, device=device)
-        self._last_row: dict[int, torch.Tensor] = {}  # piece length -> tensor([length - 1]) on the device
-
-    # -- the cache ------------------------------------------------------------------------------------
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        if self._preallocated is None:
-            self.cache = DynamicCache()
-        else:
-            self._preallocated.truncate(0)
-            self.cache = self._preallocated
-        self.context_ids: list[int] = []
-
-    def _truncate(self, length: int) -> None:
-        if self._preallocated is None:
-            self.cache.crop(length - len(self.context_ids))  # DynamicCache: a negative count of positions to drop
-        else:
-            self.cache.truncate(length)
-        del self.context_ids[length:]
-
-    # -- the model calls -----------------------------------------------------------------------------
-    def _forward(self, ids: list[int], feats: Optional[torch.Tensor], want_heads: bool, want_text: bool):
-        """Feed `ids` (with `feats`, one row per <image> among them) and read the outputs at the last position."""
-        if len(self.context_ids) + len(ids) > self.cfg.data.max_seq_len:
-            raise RuntimeError(f"context grew past data.max_seq_len={self.cfg.data.max_seq_len}; raise eval.context_margin")
-        input_ids = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)  # (1, T)
-        last = self._last_row.get(len(ids))
-        if last is None:
-            last = self._last_row[len(ids)] = torch.tensor([len(ids) - 1], device=self.device)
-        with self.autocast:
-            out = self.model(
-                input_ids=input_ids, frame_features=feats, past_key_values=self.cache, use_cache=True,
-                text_rows=last if want_text else self._no_rows, head_rows=last if want_heads else self._no_rows,
-            )
-        self.cache = out["past_key_values"]
-        self.context_ids.extend(ids)
-        return out
-
-    def _reset_context(self) -> None:
-        """Apply eval.context_strategy: a fresh context starting from the system prompt.
-
-        reset_with_dst: the prompt carries the *predicted* current state (the model's own DST is its memory);
-        drop_all: the prompt with the video's initial state, nothing else;
-        drop_middle: the most recent whole frames (each with its generated blocks and their EOS, as in training),
-        up to half of what the prompt and a frame leave, after a prompt carrying the predicted state at the first
-        kept frame: the context a training clip starting at that frame would show.
-        """
-        strategy = self.cfg.eval.context_strategy
-        self.context_resets += 1
-        kept: list[Segment] = []
-        if strategy == "drop_middle":
-            # Half of what the prompt and the next frame's worst case (both blocks generated in full) leave, so a
-            # reset is followed by many frames, not by another reset. The prompt's length does not depend on
-            # the state it shows (state names are fixed words), so the current one measures it.
-            prompt_length = len(self.renderer.prompt(self.video.system_text, self.video.steps, self.pred_state))
-            room = max(0, (self.budget - prompt_length - self.worst_frame) // 2)
-            for segment in reversed(self.segments):
-                if len(segment.tokens) > room:
-                    break
-                kept.insert(0, segment)
-                room -= len(segment.tokens)
-        state = {"reset_with_dst": self.pred_state, "drop_all": self.video.initial_state}.get(
-            strategy, kept[0].state if kept else self.pred_state)
-        prompt = self.renderer.prompt(self.video.system_text, self.video.steps, state)
-        self._new_cache()
-        feats = [self.video_feats[segment.frame_index] for segment in kept]  # (I, F) each
-        self._forward(prompt + [t for segment in kept for t in segment.tokens],
-                      torch.cat(feats) if feats else None, False, False)
-        self.segments = kept
-        self.pending = []  # any pending EOS closed a block that is either gone or already in a kept segment
-
-    def _generate(self, role_id: int, max_tokens: int) -> str:
-        """Feed the role token (plus any pending EOS), greedy-decode to EOS; the EOS ends up in the cache
-        with the next piece, exactly as training has it. Returns the text; the block's tokens (role, text,
-        EOS) are appended to the current frame's segment."""
-        eos = self.renderer.eos_id
-        ids = self.pending + [role_id]
-        self.pending = []
-        generated: list[int] = []
-        out = self._forward(ids, None, want_heads=False, want_text=True)
-        guard = self.cfg.eval.repetition_guard
-        while True:
-            token = int(out["text_logits"][-1].argmax())  # one host sync per generated token
-            if token == eos or len(generated) >= max_tokens or self._repeats(generated + [token], guard):
-                break
-            generated.append(token)
-            out = self._forward([token], None, want_heads=False, want_text=True)
-        self.pending = [eos]
-        self.segments[-1].tokens.extend([role_id, *generated, eos])
-        return self.renderer.tokenizer.decode(generated, skip_special_tokens=True).strip()
-
-    @staticmethod
-    def _repeats(tokens: list[int], n: int) -> bool:
-        """The last n-gram already occurred: greedy decoding has entered a loop."""
-        if n <= 0 or len(tokens) < 2 * n:
-            return False
-        tail = tokens[-n:]
-        return any(tokens[i:i + n] == tail for i in range(len(tokens) - 2 * n + 1))
-
-    # -- the stream -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def run(self, video: Video, feats: np.ndarray, thresholds: Thresholds) -> list[FrameRecord]:
-        self.video = video
-        # (num_frames, I, F) on the device once; each frame's rows are a view of it.
-        self.video_feats = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device)
-        self._new_cache()
-        self.segments: list[Segment] = []  # the frames in the context
-        self.pred_state = dict(video.initial_state)
-        self.pending = self.renderer.prompt(video.system_text, video.steps, self.pred_state)
-        if len(self.pending) + self.worst_frame > self.budget:
-            raise ConfigError(
-                f"video {video.video_uid}: its system prompt ({len(self.pending)} tokens) and one frame with both blocks "
-                f"generated ({self.worst_frame}) do not fit data.max_seq_len - eval.context_margin = {self.budget}: "
-                f"raise data.max_seq_len or lower eval.context_margin, eval.max_new_tokens, eval.max_dst_tokens"
-            )
-        records = []
-        for i, k in enumerate(range(video.start, video.end)):
-            ev = video.events.get(k, FrameEvents())
-            frame_ids = self.renderer.frame()
-            for text in ev.user_texts:
-                frame_ids += self.renderer.user_block(text)
-            # Room for this frame and both blocks it may generate; otherwise apply the context strategy now,
-            # at a frame boundary, so a generation never straddles a reset.
-            needed = len(self.pending) + len(frame_ids) + self.blocks_budget
-            if len(self.context_ids) + needed > self.budget:
-                self._reset_context()
-            self.segments.append(Segment(i, list(frame_ids), dict(self.pred_state)))
-            out = self._forward(self.pending + frame_ids, self.video_feats[i], want_heads=True, want_text=False)
-            self.pending = []
-            p_speak, p_dst = torch.sigmoid(torch.stack([out["speak_logits"][-1], out["dst_logits"][-1]])).tolist()
-            rec = FrameRecord(k, p_speak, p_dst, p_speak > thresholds.speak, p_dst > thresholds.dst)
-            if self.teacher_forced:
-                self._teacher_forced_blocks(rec, ev)
-            else:
-                if rec.dst:
-                    rec.dst_text = self._generate(self.renderer.dst_id, self.cfg.eval.max_dst_tokens)
-                    self._apply_generated_updates(rec)
-                if rec.speak:
-                    rec.asst_text = self._generate(self.renderer.asst_id, self.cfg.eval.max_new_tokens)
-            records.append(rec)
-        return records
-
-    def _apply_generated_updates(self, rec: FrameRecord, track: bool = True) -> None:
-        """Parse the generated DST text; apply the legal transitions to the tracked state (if `track`)."""
-        parsed = parse_transitions(rec.dst_text or "")
-        if parsed is None:
-            rec.num_invalid = 1
-            return
-        rec.transitions = parsed
-        check = self.pred_state if track else dict(self.pred_state)
-        for step_id, transition in parsed:
-            if apply_transition(check, step_id, transition) is not None:
-                rec.num_invalid += 1
-
-    def _generate_and_roll_back(self, role_id: int, max_tokens: int) -> str:
-        if self.pending:
-            self._forward(self.pending, None, False, False)
-            self.pending = []
-        length, segment_length = len(self.context_ids), len(self.segments[-1].tokens)
-        text = self._generate(role_id, max_tokens)
-        self._truncate(length)
-        del self.segments[-1].tokens[segment_length:]
-        self.pending = []
-        return text
-
-    def _teacher_forced_blocks(self, rec: FrameRecord, ev: FrameEvents) -> None:
-        """Record what the model generates where a head fires, but keep only ground-truth blocks as context,
-        in the training order: decision, [DST] block, [ASST] block."""
-        segment = self.segments[-1].tokens
-        if rec.dst:
-            rec.dst_text = self._generate_and_roll_back(self.renderer.dst_id, self.cfg.eval.max_dst_tokens)
-            self._apply_generated_updates(rec, track=False)
-        if ev.transitions:
-            block = self.renderer.dst_block(ev.transitions)
-            self.pending = block
-            segment.extend(block)
-            for step_id, transition in ev.transitions:
-                apply_transition(self.pred_state, step_id, transition)  # the context carries the reference
-        if rec.speak:
-            rec.asst_text = self._generate_and_roll_back(self.renderer.asst_id, self.cfg.eval.max_new_tokens)
-        if ev.asst_texts:
-            block = self.renderer.asst_block(ev.asst_texts)
-            self.pending = self.pending + block
-            segment.extend(block)
-
-
-def oracle_records(video: Video) -> list[FrameRecord]:
-    """The ground truth as predictions: checks that the metric pipeline scores it perfectly."""
-    records = []
-    for k in range(video.start, video.end):
-        ev = video.events.get(k, FrameEvents())
-        speak, update = bool(ev.asst_texts), bool(ev.transitions)
-        records.append(FrameRecord(
-            k, float(speak), float(update), speak, update,
-            asst_text=" ".join(ev.asst_texts) if speak else None,
-            dst_text=format_transitions(ev.transitions) if update else None,
-            transitions=list(ev.transitions),
-        ))
-    return records
-
-
-def predicted_states(video: Video, records: list[FrameRecord]) -> list[dict[str, str]]:
-    """The state the stream tracked, after each frame (only legal generated updates applied)."""
-    return state_trajectory(video.initial_state, (rec.transitions for rec in records))
-
+from report import markdown_summary, write_report
+from sequence import Renderer
+from stream import (
+    FrameRecord, StreamingRunner, Thresholds, Video, assemble_videos, oracle_records, predicted_states,
+    raw_video_features, video_features,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Metrics over a split
@@ -481,22 +113,71 @@ def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
 # Driver
 
 
-def run_split(runner: Optional[StreamingRunner], videos: list[Video], store: FrameStore, thresholds: Thresholds,
-              oracle: bool, desc: str, raw_frames: Optional[RawFrameReader] = None) -> list[list[FrameRecord]]:
-    """Stream every video; features are read one video at a time (memory-mapped), never the whole split.
-    With data.frames=raw the model's frozen vision tower makes them from the video's frames."""
+@dataclass
+class Split:
+    """The videos one evaluation streams, and where their frames come from."""
+    name: str
+    videos: list[Video]
+    store: FrameStore
+    raw_frames: Optional[RawFrameReader]  # data.frames=raw: the model's tower encodes the videos' frames
+
+
+@dataclass
+class PairResult:
+    """One stream over the split at one (speak, dst) threshold pair: metrics.json's content and what the report
+    and predictions.jsonl are written from."""
+    result: dict
+    thresholds: Thresholds
+    records: list[list[FrameRecord]]
+    speak_matches: list
+
+    def row(self) -> dict:
+        """This pair's line of sweep.csv."""
+        blocks = self.result
+        return {"speak_threshold": self.thresholds.speak, "dst_threshold": self.thresholds.dst,
+                "speak_f1": blocks["speak"]["f1"], "dst_f1": blocks["dst"]["f1"],
+                "speak_precision": blocks["speak"]["precision"], "speak_recall": blocks["speak"]["recall"],
+                "bleu4": blocks["nlg"]["bleu4"], "context_resets": blocks["context_resets"]}
+
+
+def run_split(runner: Optional[StreamingRunner], split: Split, thresholds: Thresholds) -> list[list[FrameRecord]]:
+    """Stream every video (the ground truth instead with no runner: --oracle); features are read one video at a
+    time (memory-mapped), never the whole split. With data.frames=raw the model's frozen vision tower makes them
+    from the video's frames."""
     all_records = []
-    progress = Progress(len(videos), desc, "video")
-    for video in videos:
-        if oracle:
+    progress = Progress(len(split.videos), f"stream speak>{thresholds.speak} dst>{thresholds.dst}", "video")
+    for video in split.videos:
+        if runner is None:
             all_records.append(oracle_records(video))
         else:
-            feats = (video_features(video, store, store.num_tokens_per_frame) if raw_frames is None else
-                     raw_video_features(video.clips, raw_frames, runner.model.vision, runner.device, runner.autocast))
+            feats = (video_features(video, split.store, split.store.num_tokens_per_frame) if split.raw_frames is None
+                     else raw_video_features(video.clips, split.raw_frames, runner.model.vision, runner.device,
+                                             runner.autocast))
             all_records.append(runner.run(video, feats, thresholds))
         progress.update()
     progress.close()
     return all_records
+
+
+def stream_pair(runner: Optional[StreamingRunner], split: Split, thresholds: Thresholds, embed, cfg: Config,
+                header: dict) -> PairResult:
+    """Stream the split at `thresholds` and score it; `header` holds metrics.json's fields that do not depend on
+    the pair (split, checkpoint, embedder, mode)."""
+    start = time.perf_counter()
+    if runner is not None:
+        runner.context_resets = 0  # the runner is reused across pairs; each pair reports its own count
+    records = run_split(runner, split, thresholds)
+    seconds = time.perf_counter() - start
+    blocks, speak_matches = compute_metrics(split.videos, records, embed, thresholds, cfg.eval.zero_cost_quirk)
+    num_frames = sum(v.num_frames for v in split.videos)
+    result = {
+        **header, "num_videos": len(split.videos), "num_frames": num_frames,
+        "thresholds": {"speak": thresholds.speak, "dst": thresholds.dst}, **blocks,
+        "seconds": seconds, "frames_per_second": num_frames / seconds if seconds > 0 else None,
+        "zero_cost_quirk": cfg.eval.zero_cost_quirk, "context_strategy": cfg.eval.context_strategy,
+        "context_resets": runner.context_resets if runner is not None else 0,
+    }
+    return PairResult(result, thresholds, records, speak_matches)
 
 
 def parse_list(text: Optional[str]) -> Optional[list[float]]:
@@ -506,6 +187,118 @@ def parse_list(text: Optional[str]) -> Optional[list[float]]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"threshold list '{text}' must be comma-separated numbers, e.g. 0.2,0.3,0.5") from None
+
+
+def load_split_videos(cfg: Config, split_name: str, oracle: bool, max_videos: Optional[int]) -> Split:
+    """The split's whole videos. Every clip parsed and every frame row checked before hours of streaming, under
+    data.on_invalid_clip; a video with a skipped clip is left out whole. Token budgets do not apply: the stream
+    renders whole videos and manages its own context."""
+    store = FrameStore.from_config(cfg)
+    raw_frames = raw_frame_reader(cfg, store) if cfg.data.frames == "raw" and not oracle else None
+    clips, report = usable_clips(cfg, split_name, None, store)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    # A skipped clip without a usable video_uid belongs to no video: nothing else to leave out for it.
+    skipped_videos = sorted({p.video_uid for problems in report.skipped.values() for p in problems
+                             if p.video_uid is not None}, key=str)
+    if skipped_videos:
+        clips = [c for c in clips if c.video_uid not in set(skipped_videos)]
+        print(f"skipping {len(skipped_videos)} video(s) with a skipped clip: {', '.join(map(str, skipped_videos[:10]))}"
+              + (" ..." if len(skipped_videos) > 10 else ""), file=sys.stderr)
+    videos = assemble_videos(clips)
+    for dataset in sorted({v.dataset for v in videos}):
+        window, known = metrics.window_for_dataset(dataset)
+        if not known:
+            print(f"warning: unknown dataset '{dataset}': speaking/DST matching uses the default window {window}",
+                  file=sys.stderr)
+    videos = videos[:max_videos] if max_videos else videos
+    if not videos:
+        raise DataError(f"split '{split_name}' has no videos to evaluate")
+    return Split(split_name, videos, store, raw_frames)
+
+
+def load_run(args, device: torch.device) -> tuple[Config, Optional[torch.nn.Module], object, str]:
+    """(config, model or None for --oracle, tokenizer, what metrics.json names as the checkpoint). Overrides apply
+    before the model is built: model.path=... can point at a base model that moved."""
+    if not args.ckpt:
+        if not (args.config and args.oracle):
+            raise ConfigError("give --ckpt DIR (or --config CONFIG together with --oracle)")
+        return load_config(args.config, args.overrides), None, None, "oracle"
+    ckpt = require_checkpoint(args.ckpt, "--ckpt ",
+                              instead="train first (python train.py CONFIG), or pass a step_<N> directory of a run")
+    if args.oracle:
+        return read_config(ckpt, args.overrides), None, None, str(ckpt)
+    model, tokenizer, cfg = load_for_inference(ckpt, device, args.overrides)
+    return cfg, model, tokenizer, str(ckpt)
+
+
+def write_outputs(out_dir: Path, best: PairResult, split: Split, sweep_rows: Optional[list[dict]]) -> None:
+    """predictions.jsonl and metrics.json of the best pair, sweep.csv when there were several pairs, report.html."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for video, records in zip(split.videos, best.records):
+            for line in prediction_lines(video, records):
+                f.write(json.dumps(line) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(best.result, indent=2))
+    if sweep_rows:
+        with open(out_dir / "sweep.csv", "w") as f:  # one row per (speak, dst) threshold pair
+            f.write(",".join(sweep_rows[0]) + "\n")
+            f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in sweep_rows)
+    write_report(out_dir / "report.html", best.result, split.videos, best.records, best.speak_matches,
+                 best.thresholds, sweep_rows)
+
+
+def print_summary(result: dict, out_dir: Path, sweep_rows: Optional[list[dict]], markdown: bool) -> None:
+    s, d, n = result["speak"], result["dst"], result["nlg"]
+    for r in sweep_rows or []:
+        print(f"sweep speak>{r['speak_threshold']} dst>{r['dst_threshold']}: speak F1 {r['speak_f1']:.3f} "
+              f"dst F1 {r['dst_f1']:.3f}")
+    if sweep_rows:
+        print(f"best: speak>{result['thresholds']['speak']} dst>{result['thresholds']['dst']}")
+    print(
+        f"{result['mode']} {result['split']}: {result['num_videos']} videos, {result['num_frames']} frames, "
+        f"{result['frames_per_second']:.1f} frames/s | speak P {s['precision']:.3f} R {s['recall']:.3f} F1 {s['f1']:.3f} | "
+        f"dst P {d['precision']:.3f} R {d['recall']:.3f} F1 {d['f1']:.3f} state acc {d['state_accuracy']:.3f} | "
+        f"BLEU-4 {n['bleu4']:.3f} CIDEr {n['cider']:.3f}"
+    )
+    print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html" + (", sweep.csv" if sweep_rows else ""))
+    if markdown:
+        print(markdown_summary(result))
+
+
+def evaluate(args) -> int:
+    prefer_expandable_segments()
+    device = torch.device(args.device)
+    attention = configure_attention(device)
+    cfg, model, tokenizer, source = load_run(args, device)
+    split = load_split_videos(cfg, args.split or cfg.eval.split, args.oracle, args.max_videos)
+    out_dir = Path(args.out) if args.out else (Path(args.ckpt) if args.ckpt else Path(cfg.run.dir)) / f"eval_{split.name}"
+    embedder_choice = args.embedder or cfg.eval.embedder or "minilm"
+    embed = nlg.load_embedder(embedder_choice)
+    runner = None
+    if model is not None:
+        precision = inference_precision(args.precision, cfg.train.precision, device.type, device_capability(device))
+        if precision.dtype == torch.float32:
+            cast_for_inference(model, precision.dtype)  # frozen weights stored in fp16/bf16 are exact in fp32
+        print(f"precision: {precision.name} ({precision.reason}); {attention}", file=sys.stderr)
+        renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
+        runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced, dtype=precision.dtype)
+
+    header = {"split": split.name, "checkpoint": source, "embedder": getattr(embed, "name", embedder_choice),
+              "mode": "oracle" if args.oracle else ("teacher_forced" if args.teacher_forced else "streaming")}
+    speak = args.speak_threshold if args.speak_threshold is not None else cfg.eval.speak_threshold
+    dst = args.dst_threshold if args.dst_threshold is not None else cfg.eval.dst_threshold
+    pairs = [Thresholds(s, d) for s in parse_list(args.sweep_speak) or [speak] for d in parse_list(args.sweep_dst) or [dst]]
+    results = [stream_pair(runner, split, thresholds, embed, cfg, header) for thresholds in pairs]
+    # The best pair by speaking F1, then DST F1; the first of equals.
+    best = max(results, key=lambda r: (r.result["speak"]["f1"], r.result["dst"]["f1"]))
+    sweep_rows = [r.row() for r in results] if len(results) > 1 else None
+    if sweep_rows:
+        best.result["sweep"] = sweep_rows
+        best.result["best"] = {"speak": best.thresholds.speak, "dst": best.thresholds.dst, "by": "speak f1, then dst f1"}
+    write_outputs(out_dir, best, split, sweep_rows)
+    print_summary(best.result, out_dir, sweep_rows, args.markdown)
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -534,154 +327,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def inference_precision(requested: Optional[str], trained: str, device_type: str,
-                        capability: Optional[tuple[int, int]]) -> tuple[torch.dtype, str]:
-    """(autocast dtype, why). By default the precision the checkpoint was trained with: its train.precision,
-    resolved for this device exactly as training resolves it (an fp32-trained model stays fp32 on a GPU
-    where auto would pick fp16); `requested` (--precision) overrides."""
-    chosen = trained if requested is None else requested
-    dtype, _, _ = choose_precision(chosen, device_type, capability)
-    why = f"the checkpoint's train.precision={trained}" if requested is None else f"--precision {requested}"
-    if chosen == "auto":
-        where = f"compute capability {capability[0]}.{capability[1]}" if capability else device_type
-        why += f", which gives {DTYPE_NAMES[dtype]} on this {where}"
-    return dtype, why + ("; --precision overrides" if requested is None else "")
-
-
-def evaluate(args) -> int:
-    if not args.ckpt and not (args.config and args.oracle):
-        raise ConfigError("give --ckpt DIR (or --config CONFIG together with --oracle)")
-    prefer_expandable_segments()
-    device = torch.device(args.device)
-    attention = configure_attention(device)
-    model = None
-    if args.ckpt:
-        ckpt = require_checkpoint(args.ckpt, "--ckpt ",
-                                  instead="train first (python train.py CONFIG), or pass a step_<N> directory of a run")
-        # Overrides apply before the model is built: model.path=... can point at a base model that moved.
-        if args.oracle:
-            cfg, tokenizer = read_config(ckpt, args.overrides), None
-        else:
-            model, tokenizer, cfg = load_for_inference(ckpt, device, args.overrides)
-        source = str(ckpt)
-    else:
-        cfg = load_config(args.config, args.overrides)
-        tokenizer = None
-        source = "oracle"
-    split = args.split or cfg.eval.split
-    out_dir = Path(args.out) if args.out else (Path(args.ckpt) if args.ckpt else Path(cfg.run.dir)) / f"eval_{split}"
-    thresholds = Thresholds(
-        args.speak_threshold if args.speak_threshold is not None else cfg.eval.speak_threshold,
-        args.dst_threshold if args.dst_threshold is not None else cfg.eval.dst_threshold,
-    )
-
-    # Every clip parsed and every frame row checked before hours of streaming, under data.on_invalid_clip.
-    # Token budgets do not apply: the stream renders whole videos and manages its own context.
-    store = FrameStore.from_config(cfg)
-    raw_frames = raw_frame_reader(cfg, store) if cfg.data.frames == "raw" and not args.oracle else None
-    clips, report = usable_clips(cfg, split, None, store)
-    for line in report.lines():
-        print(line, file=sys.stderr)
-    # A skipped clip without a usable video_uid belongs to no video: nothing else to leave out for it.
-    skipped_videos = sorted({p.video_uid for problems in report.skipped.values() for p in problems
-                             if p.video_uid is not None}, key=str)
-    if skipped_videos:  # a video is evaluated whole or not at all
-        clips = [c for c in clips if c.video_uid not in set(skipped_videos)]
-        print(f"skipping {len(skipped_videos)} video(s) with a skipped clip: {', '.join(map(str, skipped_videos[:10]))}"
-              + (" ..." if len(skipped_videos) > 10 else ""), file=sys.stderr)
-    videos = assemble_videos(clips)
-    for dataset in sorted({v.dataset for v in videos}):
-        window, known = metrics.window_for_dataset(dataset)
-        # The demo's synthetic dataset is ours and is scored with the default window by design; the warning
-        # is for a real dataset the window table lacks. (Not a table entry: names match there by substring.)
-        if not known and dataset != DEMO_DATASET:
-            print(f"warning: unknown dataset '{dataset}': speaking/DST matching uses the default window {window}",
-                  file=sys.stderr)
-    if args.max_videos:
-        videos = videos[:args.max_videos]
-    if not videos:
-        raise DataError(f"split '{split}' has no videos to evaluate")
-
-    embedder_choice = args.embedder or cfg.eval.embedder or "minilm"
-    embed = nlg.load_embedder(embedder_choice)
-    runner = None
-    if model is not None:
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        dtype, reason = inference_precision(args.precision, cfg.train.precision, device.type, capability)
-        if dtype == torch.float32:
-            cast_for_inference(model, dtype)  # frozen weights stored in fp16/bf16 are exact in fp32; no autocast to pair them with
-        print(f"precision: {DTYPE_NAMES[dtype]} ({reason}); {attention}", file=sys.stderr)
-        renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
-        runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced, dtype=dtype)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    speak_list = parse_list(args.sweep_speak) or [thresholds.speak]
-    dst_list = parse_list(args.sweep_dst) or [thresholds.dst]
-    sweep_rows, best = [], None
-    for s in speak_list:
-        for d in dst_list:
-            th = Thresholds(s, d)
-            start = time.perf_counter()
-            if runner:
-                runner.context_resets = 0  # the runner is reused across pairs; each pair reports its own count
-            all_records = run_split(runner, videos, store, th, args.oracle, f"stream speak>{s} dst>{d}", raw_frames)
-            seconds = time.perf_counter() - start
-            context_resets = runner.context_resets if runner else 0
-            blocks, speak_matches = compute_metrics(videos, all_records, embed, th, cfg.eval.zero_cost_quirk)
-            num_frames = sum(v.num_frames for v in videos)
-            result = {
-                "split": split, "checkpoint": source, "num_videos": len(videos), "num_frames": num_frames,
-                "embedder": getattr(embed, "name", embedder_choice),
-                "thresholds": {"speak": s, "dst": d}, **blocks,
-                "seconds": seconds, "frames_per_second": num_frames / seconds if seconds > 0 else None,
-                "zero_cost_quirk": cfg.eval.zero_cost_quirk, "mode": "oracle" if args.oracle else (
-                    "teacher_forced" if args.teacher_forced else "streaming"),
-                "context_strategy": cfg.eval.context_strategy,
-                "context_resets": context_resets,
-            }
-            row = {"speak_threshold": s, "dst_threshold": d, "speak_f1": blocks["speak"]["f1"],
-                   "dst_f1": blocks["dst"]["f1"], "speak_precision": blocks["speak"]["precision"],
-                   "speak_recall": blocks["speak"]["recall"], "bleu4": blocks["nlg"]["bleu4"],
-                   "context_resets": context_resets}
-            sweep_rows.append(row)
-            key = (blocks["speak"]["f1"], blocks["dst"]["f1"])
-            if best is None or key > best[0]:
-                best = (key, result, all_records, speak_matches, th)
-    _, result, all_records, speak_matches, th = best
-    if len(sweep_rows) > 1:
-        result["sweep"] = sweep_rows
-        result["best"] = {"speak": th.speak, "dst": th.dst, "by": "speak f1, then dst f1"}
-    with open(out_dir / "predictions.jsonl", "w") as f:
-        for video, records in zip(videos, all_records):
-            for line in prediction_lines(video, records):
-                f.write(json.dumps(line) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    if len(sweep_rows) > 1:
-        with open(out_dir / "sweep.csv", "w") as f:  # one row per (speak, dst) threshold pair
-            f.write(",".join(sweep_rows[0]) + "\n")
-            f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in sweep_rows)
-    write_report(out_dir / "report.html", result, videos, all_records, speak_matches, th,
-                 sweep_rows if len(sweep_rows) > 1 else None)
-    s, d, n = result["speak"], result["dst"], result["nlg"]
-    if len(sweep_rows) > 1:
-        for r in sweep_rows:
-            print(f"sweep speak>{r['speak_threshold']} dst>{r['dst_threshold']}: speak F1 {r['speak_f1']:.3f} dst F1 {r['dst_f1']:.3f}")
-        print(f"best: speak>{th.speak} dst>{th.dst}")
-    print(
-        f"{result['mode']} {split}: {result['num_videos']} videos, {result['num_frames']} frames, "
-        f"{result['frames_per_second']:.1f} frames/s | speak P {s['precision']:.3f} R {s['recall']:.3f} F1 {s['f1']:.3f} | "
-        f"dst P {d['precision']:.3f} R {d['recall']:.3f} F1 {d['f1']:.3f} state acc {d['state_accuracy']:.3f} | "
-        f"BLEU-4 {n['bleu4']:.3f} CIDEr {n['cider']:.3f}"
-    )
-    print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html" + (", sweep.csv" if len(sweep_rows) > 1 else ""))
-    if args.markdown:
-        print(markdown_summary(result))
-    return 0
 
 
 if __name__ == "__main__":

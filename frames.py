@@ -19,30 +19,26 @@ import binascii
 import io
 import json
 import os
-import sys
-import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-if TYPE_CHECKING:
-    from config import Config
-    from clips import Clip
+from clips import Clip, DataError
+from config import Config
 
 # Feature columns of the ProAssist layout, in the order their tokens are fed (cls first, patches row-major).
 FEATURE_COLUMNS = {1: ("cls",), 5: ("cls", "2x2"), 10: ("cls", "3x3")}
 CELLS_PER_COLUMN = {"cls": 1, "2x2": 4, "3x3": 9}
 PATCH_COLUMNS = {"2x2", "3x3"}  # only the per-video layout has them
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, clip and turn."""
+# The 14 pooled tokens per frame a VLM's tower gives (backbones.pooled_tokens: the all-token mean, the 2x2 grid,
+# the 3x3 grid) as the columns of an extracted feature file.
+POOLED_COLUMNS = {"cls": slice(0, 1), "2x2": slice(1, 5), "3x3": slice(5, 14)}
 
 
 class FeatureDimError(DataError):
@@ -470,8 +466,6 @@ def _fixed_cells(values: np.ndarray) -> pa.Array:
 def write_feature_file(path: Path, pooled: np.ndarray) -> None:
     """(N, 14, D) pooled tokens -> the ProAssist per-video layout (`cls`, `2x2`, `3x3`, float16, row k = frame k),
     written to a temporary name and renamed: an interrupted run never leaves a file that looks complete."""
-    from backbones import POOLED_COLUMNS
-
     values = pooled.astype(np.float16)
     table = pa.table({name: _fixed_cells(values[:, rows]) for name, rows in POOLED_COLUMNS.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,8 +475,8 @@ def write_feature_file(path: Path, pooled: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _feature_file_done(path: Path, rows: int, dim: int) -> bool:
-    """A finished extraction of at least `rows` frames of `dim`-d features (resume skips it)."""
+def is_complete_feature_file(path: Path, rows: int, dim: int) -> bool:
+    """Whether `path` is a finished extraction (write_feature_file) of at least `rows` frames of `dim`-d features."""
     if not path.is_file():
         return False
     try:
@@ -495,7 +489,7 @@ def _feature_file_done(path: Path, rows: int, dim: int) -> bool:
     return per_row == dim
 
 
-class _FrameChunks:
+class FrameChunks:
     """DataLoader dataset: chunk i = frames [i * size, min((i + 1) * size, end)) of one raw-frame file, decoded
     and resized in a worker process."""
 
@@ -512,139 +506,3 @@ class _FrameChunks:
         first = i * self.size
         values = self.table.column("frame").slice(first, min(self.size, self.end - first)).to_pylist()
         return decode_frames(values, self.preprocessing, f"{self.path} (video {self.video_uid})", first)
-
-
-def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = None, num_workers: int = 2,
-                     progress: bool = True) -> dict:
-    """Run the VLM's frozen vision tower over every frame any clip of the config's splits needs, and write one
-    `{out_dir}/{dataset}/{video_uid}.arrow` per video (see write_feature_file). Resumable: a video whose file is
-    complete is skipped. Frames are read from each clip's `frames_file` (or the `frames_path` template, with the
-    fields of data.features_path). Returns a summary with the data.features_path to train with."""
-    import dataclasses
-
-    import torch
-    from torch.utils.data import DataLoader
-
-    from config import ConfigError
-    from clips import load_split
-    from backbones import frame_encoder_from_vlm, load_vlm
-    from model import FROZEN_DTYPES, cast_frozen
-    from train import choose_precision
-
-    require_pillow()
-    out_dir = Path(out_dir)
-    read_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features_path=frames_path))
-    videos: dict[tuple[str, str], list] = {}  # (dataset, video_uid) -> [frames file, frames needed]
-    errors = []
-    for split in ("train", "val", "test"):
-        if not getattr(cfg.data, split):  # a split left empty in the config (a missing file is an error below)
-            continue
-        clips, problems = load_split(read_cfg, split)
-        errors += [str(p) for p in problems if p.level == "ERROR"]
-        for clip in clips:
-            entry = videos.setdefault((clip.dataset, clip.video_uid), [clip.frames_path, 0])
-            if entry[0] != clip.frames_path:
-                errors.append(f"{clip.file}:clip {clip.index} ({clip.video_uid}): frames file {clip.frames_path} differs "
-                              f"from {entry[0]} of another clip of the same video")
-            entry[1] = max(entry[1], clip.end)
-    if errors:
-        raise DataError(f"{len(errors)} problem(s) in the clips; fix them first (python data.py validate):\n" + "\n".join(errors[:20]))
-    if not videos:
-        raise ConfigError("no clips found in the config's train/val/test split files")
-
-    source = cfg.model.vision_path or cfg.model.path
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    capability = torch.cuda.get_device_capability(torch_device) if torch_device.type == "cuda" else None
-    dtype, _, reason = choose_precision(cfg.train.precision, torch_device.type, capability)
-    encoder = frame_encoder_from_vlm(load_vlm(source, cfg.model.attn_implementation), source,
-                                     cfg.data.num_tokens_per_frame, cfg.model.vision_batch_frames)
-    if dtype != torch.float32:
-        # Stored as in training (model.frozen_dtype), so both paths compute the same numbers.
-        cast_frozen(encoder, FROZEN_DTYPES[cfg.model.frozen_dtype])
-    encoder.to(torch_device)
-    preprocessing = FramePreprocessing.from_model_dir(source)
-    autocast = torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32)
-    if progress:
-        print(f"vision tower of {source} on {torch_device}, {dtype} ({reason}); {len(videos)} videos -> {out_dir}")
-
-    todo, skipped = [], 0
-    for (dataset, uid), (path, end) in sorted(videos.items()):
-        out = out_dir / dataset / f"{uid}.arrow"
-        if _feature_file_done(out, end, encoder.output_dim):
-            skipped += 1
-            continue
-        table = FrameStore(1, encoder.output_dim).table(path)
-        if "frame" not in table.column_names:
-            raise DataError(f"{path} (video {uid}): no 'frame' column (raw base64 JPEG frames); columns {table.column_names}")
-        rows = table.num_rows
-        if rows < end:
-            raise DataError(f"{path} (video {uid}): a clip needs frame {end - 1} but the file has {rows} rows")
-        todo.append((uid, path, end, out))
-    total = sum(end for _, _, end, _ in todo)
-    start = time.perf_counter()
-    bar = Progress(total, "extract", "frame", enabled=progress)
-    for uid, path, end, out in todo:
-        chunks = _FrameChunks(path, end, encoder.batch_frames, preprocessing, uid)
-        loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
-                            pin_memory=torch_device.type == "cuda")
-        pooled = []
-        for pixels in loader:  # (n, S, S, 3) uint8
-            with autocast:
-                pooled.append(encoder.pooled(pixels.to(torch_device, non_blocking=True)).to(torch.float16).cpu())
-            bar.update(len(pixels))
-        write_feature_file(out, torch.cat(pooled).numpy())
-    bar.close()
-    seconds = time.perf_counter() - start
-    return {
-        "out_dir": str(out_dir), "videos": len(videos), "extracted": len(todo), "skipped": skipped, "frames": total,
-        "seconds": seconds, "frames_per_second": total / seconds if seconds > 0 and total else None,
-        "feature_dim": encoder.output_dim,
-        "features_path": str(out_dir / "{dataset}" / "{video_uid}.arrow"),
-    }
-
-
-class Progress:
-    """A progress bar on a terminal; elsewhere (output redirected to a file, a scheduler's log) a plain line
-    every `every_s` seconds instead of carriage-return updates. `update(n)`, `close()`."""
-
-    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, every_s: float = 60.0):
-        from tqdm import tqdm
-
-        self.on_terminal = enabled and sys.stderr.isatty()
-        self.plain = enabled and not self.on_terminal
-        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not self.on_terminal, dynamic_ncols=True)
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.done, self.start = 0, time.perf_counter()
-        self.last = self.start
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)
-        self.done += n
-        now = time.perf_counter()
-        if self.plain and now - self.last >= self.every_s and self.done < self.total:
-            self.last = now
-            rate = self.done / (now - self.start)
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%), "
-                  f"{rate:.2f} {self.unit}/s, eta {eta / 60:.0f} min", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def raw_video_features(clips: list, reader: RawFrameReader, encoder, device, autocast=None) -> np.ndarray:
-    """(num_frames, I, F) float32 features of a whole video (its clips in order, consecutive or overlapping)
-    from raw frames through the model's frozen tower, clip by clip: what evaluate.video_features reads from
-    feature files, for data.frames=raw. Pass the stream's autocast so the tower computes as in training."""
-    import contextlib
-
-    import torch
-
-    start, end = min(c.start for c in clips), max(c.end for c in clips)
-    out = np.zeros((end - start, encoder.num_tokens_per_frame, encoder.output_dim), dtype=np.float32)
-    for clip in clips:
-        pixels = torch.from_numpy(reader.pixels(clip)).to(device)  # (n, S, S, 3) uint8
-        with autocast if autocast is not None else contextlib.nullcontext():
-            rows = encoder(pixels)  # (n * I, F)
-        out[clip.start - start:clip.end - start] = rows.cpu().numpy().reshape(clip.num_frames, encoder.num_tokens_per_frame, -1)
-    return out

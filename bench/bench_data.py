@@ -8,16 +8,17 @@ The pipeline must stay well under the step time (DataLoader workers then hide it
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
-from common import build, device_facts, emit
+from common import build, device_facts, emit, parse_args, run
 
 import torch
 
 import train
 from config import load_config
-from data import ClipDataset, collate, load_tokenizer
+from data import ClipDataset, collate, to_device
+from model import run_precision
+from sequence import load_tokenizer
 
 
 def main() -> None:
@@ -26,8 +27,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--batches", type=int, default=30, help="micro-batches to read and time")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     cfg = load_config(args.config, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = run_precision(cfg, device)  # train.py's check: frozen half-precision weights need half compute
     tokenizer = load_tokenizer(cfg.model.path)
     dataset = ClipDataset(cfg, "train", tokenizer)
     mb = cfg.train.micro_batch
@@ -43,21 +46,20 @@ def main() -> None:
         batches.append(collate(items, dataset.renderer.pad_id, cfg.data.pad_to_multiple))
     pipeline = (time.perf_counter() - start) / args.batches
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(cfg, tokenizer, "demo").to(device).train()
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    autocast, scaler = precision.autocast(device.type), precision.scaler(device.type)
     step_times = []
     for batch in batches:
-        batch = train.to_device(batch, device)
+        batch = to_device(batch, device)
         t = time.perf_counter()
-        train.forward_backward(model, [batch], cfg, 1, contextlib.nullcontext(), scaler)
+        train.forward_backward(model, [batch], cfg, autocast, scaler)
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t)
     step = sum(step_times[2:]) / max(len(step_times) - 2, 1)
     emit({
-        "benchmark": "data_pipeline", **device_facts(device), "micro_batch": mb, "batches": args.batches,
+        "benchmark": "data_pipeline", **device_facts(device), "precision": precision.name, "micro_batch": mb, "batches": args.batches,
         "pipeline_ms_per_micro_batch": 1000 * pipeline,
         "features_render_labels_ms": 1000 * items_seconds / args.batches,
         "collate_ms": 1000 * (pipeline - items_seconds / args.batches),
@@ -66,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

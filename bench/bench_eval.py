@@ -15,22 +15,23 @@ import argparse
 import dataclasses
 import time
 
-from common import build, device_facts, emit
+from common import build, device_facts, emit, parse_args, run
 
 import numpy as np
 import torch
 
-import evaluate
 from checkpoint import load_for_inference
-from config import load_config
 from clips import load_split
-from data import FrameStore, Renderer, load_tokenizer
-from model import configure_attention
+from config import load_config
+from frames import FrameStore
+from model import cast_for_inference, choose_precision, configure_attention
+from sequence import Renderer, load_tokenizer
+from stream import StreamingRunner, Thresholds, assemble_videos, video_features
 
 CACHE_BINS = 512  # frames/s is reported per bin of this many cached positions
 
 
-class TimedRunner(evaluate.StreamingRunner):
+class TimedRunner(StreamingRunner):
     """The evaluator's runner, recording the wall time of every frame and the cache length before it (the
     per-frame host sync makes the wall time the device time)."""
 
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--generation-frames", type=int, default=200, help="frames streamed with the heads on")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"), help="autocast dtype on a GPU")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attention = configure_attention(device)
     if args.ckpt:
@@ -97,18 +98,16 @@ def main() -> None:
         with torch.device(device):
             model = build(cfg, tokenizer, args.shape)
         model.eval()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    if device.type != "cuda":
-        dtype = torch.float32
+    dtype = choose_precision(args.precision if device.type == "cuda" else "fp32", device.type, None).dtype
     if dtype == torch.float32:
-        model.float()  # the runner stores the weights in the compute dtype itself when it is fp16/bf16
+        cast_for_inference(model, dtype)  # the runner stores the weights in the compute dtype itself when it is fp16/bf16
     clips, _ = load_split(cfg, args.split)
-    video = max(evaluate.assemble_videos(clips), key=lambda v: v.num_frames)
+    video = max(assemble_videos(clips), key=lambda v: v.num_frames)
     store = FrameStore.from_config(cfg)
-    feats = evaluate.video_features(video, store, cfg.data.num_tokens_per_frame)
+    feats = video_features(video, store, cfg.data.num_tokens_per_frame)
     frames = min(args.frames, video.num_frames)
     video = dataclasses.replace(video, end=video.start + frames)
-    off, on = evaluate.Thresholds(2.0, 2.0), evaluate.Thresholds(-1.0, -1.0)
+    off, on = Thresholds(2.0, 2.0), Thresholds(-1.0, -1.0)
     results = {}
     for cache in ("preallocated", "dynamic"):
         results[f"ingest_{cache}"] = stream(model, tokenizer, cfg, device, dtype, video, feats[:frames], off, cache)
@@ -130,4 +129,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     np.seterr(all="ignore")
-    main()
+    run(main)

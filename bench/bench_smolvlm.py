@@ -23,19 +23,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import device_facts, emit
+from common import device_facts, emit, parse_args, run
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
+from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
+import demo
 import train
+from backbones import frame_encoder_from_vlm, load_vlm, vlm_text_backbone
 from config import load_config
-from data import IGNORE, collate, load_tokenizer
-from frames import FramePreprocessing, _FrameChunks, decode_frames, require_pillow
-from backbones import frame_encoder_from_vlm, vlm_text_backbone
-from model import assemble, cast_frozen, flops_per_token, param_groups
+from data import collate, to_device
+from frames import FrameChunks, FramePreprocessing, decode_frames, require_pillow
+from logs import peak_flops, peak_memory_gb
+from model import assemble, cast_frozen, choose_precision, device_capability, flops_per_token, param_groups
+from sequence import IGNORE, load_tokenizer
 
 VISION_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                    image_size=512, patch_size=16)  # SigLIP-B/16 at 512 px, as in SmolVLM2-256M / 500M
@@ -61,9 +65,6 @@ PROMPT_TOKENS = 120
 
 def write_model_dir(out: Path, shape: dict) -> Path:
     """A random SmolVLM2-shaped directory: weights, the demo's tokenizer with SmolVLM2's image tokens, preprocessor."""
-    import demo
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
-
     tokenizer = demo.train_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]})
     tokenizer.eos_token = "<end_of_utterance>"
@@ -109,8 +110,6 @@ def synchronize(device: torch.device) -> None:
 
 
 def bench_extraction(model_dir: Path, frames_path: Path, cells: list[str], cfg, device, dtype, workers: int) -> dict:
-    from backbones import load_vlm
-
     preprocessing = FramePreprocessing.from_model_dir(model_dir)
     encoder = frame_encoder_from_vlm(load_vlm(model_dir), model_dir, 1, cfg.model.vision_batch_frames)
     if dtype != torch.float32:
@@ -133,7 +132,7 @@ def bench_extraction(model_dir: Path, frames_path: Path, cells: list[str], cfg, 
     synchronize(device)
     device_seconds = time.perf_counter() - start
 
-    chunks = _FrameChunks(frames_path, n, encoder.batch_frames, preprocessing, "bench")
+    chunks = FrameChunks(frames_path, n, encoder.batch_frames, preprocessing, "bench")
     loader = DataLoader(chunks, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
     start = time.perf_counter()
     for chunk in loader:
@@ -175,22 +174,20 @@ def synthetic_batch(seq_len: int, micro_batch: int, vocab: int, image_id: int, s
 
 
 def bench_training(model_dir: Path, cfg, device, dtype, use_scaler, steps: int, seq_len: int) -> dict:
-    from backbones import load_vlm
-
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(0)
     backbone = vlm_text_backbone(load_vlm(model_dir))
     model = assemble(backbone, tokenizer, cfg).to(device).train()
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     specials = {tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "[USER]", "[DST]", "[ASST]")}
-    batch = train.to_device(synthetic_batch(seq_len, cfg.train.micro_batch, backbone.config.vocab_size, image_id,
+    batch = to_device(synthetic_batch(seq_len, cfg.train.micro_batch, backbone.config.vocab_size, image_id,
                                             specials, cfg.data.feature_dim), device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def one_step():
-        train.forward_backward(model, [batch], cfg, 1, autocast, scaler)
+        train.forward_backward(model, [batch], cfg, autocast, scaler)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         scaler.step(optimizer)
@@ -208,7 +205,7 @@ def bench_training(model_dir: Path, cfg, device, dtype, use_scaler, steps: int, 
     synchronize(device)
     seconds = time.perf_counter() - start
     tokens = steps * cfg.train.micro_batch * seq_len
-    peak = train.peak_flops(device, dtype)
+    peak = peak_flops(device, dtype)
     tokens_per_s = tokens / seconds
     return {
         "seq_len": seq_len, "micro_batch": cfg.train.micro_batch, "steps": steps,
@@ -217,7 +214,7 @@ def bench_training(model_dir: Path, cfg, device, dtype, use_scaler, steps: int, 
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "seconds_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token(model, seq_len) / peak if peak else None,
-        "peak_memory_gb": train.peak_memory_gb(device),
+        "peak_memory_gb": peak_memory_gb(device),
         "text_parameters": sum(p.numel() for p in backbone.parameters()),
     }
 
@@ -234,13 +231,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     shape_name = args.shape or ("256m" if gpu else "tiny")
     shape = SHAPES[shape_name]
-    capability = torch.cuda.get_device_capability(device) if gpu else None
-    dtype, use_scaler, reason = train.choose_precision(args.precision, device.type, capability)
+    dtype, use_scaler, reason = choose_precision(args.precision, device.type, device_capability(device))
     feature_dim = shape["text"]["hidden_size"]
     cfg = load_config(None, [
         "model.trainable=lora", "model.lora_rank=128", "model.lora_alpha=256", f"data.feature_dim={feature_dim}",
@@ -260,4 +256,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

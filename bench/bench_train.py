@@ -24,15 +24,17 @@ import argparse
 import gc
 import time
 
-from common import build, device_facts, emit
+from common import build, device_facts, emit, parse_args, run
 
 import torch
 import torch.nn.functional as F
 
 import train
 from config import load_config
-from data import IGNORE, ClipDataset, collate, load_tokenizer
-from model import compile_decoder_layers, configure_attention, flops_per_token, param_groups
+from data import ClipDataset, collate, to_device
+from logs import peak_flops, peak_memory_gb
+from model import compile_decoder_layers, configure_attention, flops_per_token, param_groups, run_precision
+from sequence import IGNORE, load_tokenizer
 
 SETTINGS = {
     "lora": {"model.trainable": "lora", "train.activation_checkpointing": True},
@@ -54,7 +56,7 @@ def ours_step(model, cfg, autocast, scaler, optimizer):
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch):
-        train.forward_backward(model, [batch], cfg, 1, autocast, scaler)
+        train.forward_backward(model, [batch], cfg, autocast, scaler)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         scaler.step(optimizer)
@@ -63,7 +65,7 @@ def ours_step(model, cfg, autocast, scaler, optimizer):
     return step
 
 
-def hf_pattern(model, cfg, setting: str, half_dtype):
+def hf_pattern(model, cfg, setting: str):
     """Turn a freshly built VideoAssistant (trainable=frozen, transformers' sdpa) into the HF + peft pattern.
     Returns (forward_loss(batch) -> loss, parameters to train)."""
     try:
@@ -113,14 +115,14 @@ def hf_pattern(model, cfg, setting: str, half_dtype):
 
 def measure(step_fn, batches, device, warmup: int) -> dict:
     for batch in batches[:warmup]:
-        step_fn(train.to_device(batch, device))
+        step_fn(to_device(batch, device))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     tokens = frames = 0
     start = time.perf_counter()
     for batch in batches[warmup:]:
-        step_fn(train.to_device(batch, device))
+        step_fn(to_device(batch, device))
         tokens += int(batch["attention_mask"].sum())
         frames += int(batch["decision_mask"].sum())
     if device.type == "cuda":
@@ -128,10 +130,10 @@ def measure(step_fn, batches, device, warmup: int) -> dict:
     seconds = time.perf_counter() - start
     steps = len(batches) - warmup
     return {"seconds_per_step": seconds / steps, "tokens_per_s": tokens / seconds, "frames_per_s": frames / seconds,
-            "peak_memory_gb": train.peak_memory_gb(device), "tokens_per_step": tokens / steps}
+            "peak_memory_gb": peak_memory_gb(device), "tokens_per_step": tokens / steps}
 
 
-def run_side(side: str, args, cfg, tokenizer, batches, device, dtype, use_scaler) -> dict:
+def run_side(side: str, args, cfg, tokenizer, batches, device, precision) -> dict:
     torch.manual_seed(cfg.train.seed)
     if device.type == "cuda":
         # Ours: the kernels configure_attention picked. The baseline: torch's defaults (cuDNN attention on),
@@ -143,8 +145,7 @@ def run_side(side: str, args, cfg, tokenizer, batches, device, dtype, use_scaler
     with torch.device(device):
         model = build(cfg, tokenizer, args.shape)
     model.train()
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    autocast, scaler = precision.autocast(device.type), precision.scaler(device.type)
     if side == "ours":
         if args.compile:
             compile_decoder_layers(model)
@@ -152,7 +153,7 @@ def run_side(side: str, args, cfg, tokenizer, batches, device, dtype, use_scaler
         step_fn = ours_step(model, cfg, autocast, scaler, optimizer)
     else:
         cfg.model.trainable = trainable_setting
-        forward_loss, trainable = hf_pattern(model, cfg, trainable_setting, dtype)
+        forward_loss, trainable = hf_pattern(model, cfg, trainable_setting)
         optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
 
         def step_fn(batch):
@@ -166,7 +167,7 @@ def run_side(side: str, args, cfg, tokenizer, batches, device, dtype, use_scaler
             optimizer.zero_grad(set_to_none=True)
     result = measure(step_fn, batches, device, args.warmup)
     mean_len = result["tokens_per_step"] / args.micro_batch
-    peak = train.peak_flops(device, dtype)
+    peak = peak_flops(device, precision.dtype)
     result["mfu"] = result["tokens_per_s"] * flops_per_token(model, int(mean_len)) / peak if peak else None
     result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return result
@@ -191,28 +192,28 @@ def main() -> None:
     parser.add_argument("--baseline-no-cudnn", action="store_true",
                         help="switch cuDNN attention off for the baseline too (default: torch's defaults)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    overrides = [f"{k}={v}" for k, v in SETTINGS[args.setting].items()] + [f"train.micro_batch={args.micro_batch}"]
+    overrides = [f"{k}={v}" for k, v in SETTINGS[args.setting].items()] + [f"train.micro_batch={args.micro_batch}",
+                                                                           f"train.precision={args.precision}"]
     if args.setting == "lora" and args.precision != "fp32":
         overrides.append(f"model.frozen_dtype={args.precision}")
     cfg = load_config(args.config, overrides + args.overrides)
     attention = configure_attention(device)
-    dtype, use_scaler, reason = train.choose_precision(args.precision, device.type,
-                                                       torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+    precision = run_precision(cfg, device)  # train.py's precision and its start-up check
     tokenizer = load_tokenizer(cfg.model.path)
     dataset = ClipDataset(cfg, "train", tokenizer)
     batches = make_batches(dataset, args.micro_batch, args.warmup + args.steps, cfg.data.nfs_rho, args.pad_to_multiple)
     results = {}
     for side in ("ours",) + (() if args.no_baseline else ("hf",)):
         side_cfg = load_config(args.config, overrides + args.overrides)
-        results[side] = run_side(side, args, side_cfg, tokenizer, batches, device, dtype, use_scaler)
+        results[side] = run_side(side, args, side_cfg, tokenizer, batches, device, precision)
         gc.collect()  # the side's model and optimizer are gone once run_side returns; free their memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
     record = {"benchmark": "train_step_side_by_side", **device_facts(device), "shape": args.shape,
               "setting": args.setting, "micro_batch": args.micro_batch, "precision": args.precision,
-              "precision_reason": reason, "attention": attention, "compile": args.compile,
+              "precision_reason": precision.reason, "attention": attention, "compile": args.compile,
               "baseline_cudnn_attention": not args.baseline_no_cudnn,
               "activation_checkpointing": cfg.train.activation_checkpointing, "steps": args.steps,
               "mean_clip_tokens": sum(len(dataset.item(i, with_features=False)["input_ids"]) for i in range(len(dataset))) / len(dataset),
@@ -230,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,15 +1,23 @@
-"""Shared set-up for the benchmarks: the repository on sys.path, model shapes, device facts, JSON output."""
+"""Shared set-up for the benchmarks: the repository on sys.path, the scripts' own argument parsing and start-up
+errors, model shapes, device facts, JSON output."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from checkpoint import CheckpointError  # noqa: E402
+from clips import DataError  # noqa: E402
+from config import ConfigError  # noqa: E402
+from model import build_model, build_model_from_config_dict  # noqa: E402
 
 # Random-init backbones of real shapes (no weights needed): the demo's tiny Llama, and Llama-3.2-1B's shape.
 SHAPES = {
@@ -22,9 +30,22 @@ SHAPES = {
 }
 
 
-def build(cfg, tokenizer, shape: str):
-    from model import build_model, build_model_from_config_dict
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """As evaluate.py parses: key=value overrides may sit between options (`CONFIG --batches 30 data.x=y`)."""
+    return parser.parse_intermixed_args(argv)
 
+
+def run(main: Callable[[], None]) -> None:
+    """Run a benchmark's main; a config, data or checkpoint the scripts it measures would refuse ends here the
+    same way, in one line naming the setting and the fix (exit status 1), not in a traceback."""
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError, ModuleNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def build(cfg, tokenizer, shape: str):
     torch.manual_seed(cfg.train.seed)
     if SHAPES[shape] is None:
         return build_model(cfg, tokenizer)

@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat modules live in the repo root
 
 from config import Config  # noqa: E402
-from data import load_tokenizer  # noqa: E402
+from sequence import load_tokenizer  # noqa: E402
 from model import (  # noqa: E402
     ATTENTION, PreallocatedCache, build_model_from_config_dict, causal_sdpa_attention, check_attention_support,
 )

@@ -13,9 +13,12 @@ import pyarrow as pa
 import pytest
 
 import clips
+from clips import DataError
 import data
 from config import ConfigError, load_config
 from conftest import ROOT, write_proassist_features
+import frames
+import sequence
 
 SPEAK_FRAMES = [193, 212, 224, 260, 303, 369, 394, 423]
 DST_FRAMES = [193, 212, 303, 369, 394, 423, 449]
@@ -38,7 +41,7 @@ def make_split(tmp_path: Path, clips: list[dict], tokenizer_dir: Path, rows: int
 @pytest.fixture()
 def sample_setup(tmp_path, sample_clip, tokenizer_dir):
     cfg = make_split(tmp_path, [sample_clip], tokenizer_dir)
-    tokenizer = data.load_tokenizer(tokenizer_dir)
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
     dataset = data.ClipDataset(cfg, "train", tokenizer)
     return cfg, tokenizer, dataset
 
@@ -59,9 +62,9 @@ def test_event_frame_rule_examples():
     # ... and the last frame takes a turn at end / fps.
     assert clips.event_frame(100.0, 2, 100, 200) == 199
     # Anything further outside is an error, never silently moved.
-    with pytest.raises(data.DataError):
+    with pytest.raises(DataError):
         clips.event_frame(49.5, 2, 100, 200)  # u = 98
-    with pytest.raises(data.DataError):
+    with pytest.raises(DataError):
         clips.event_frame(100.5, 2, 100, 200)  # u = 200
 
 
@@ -99,7 +102,7 @@ def test_sample_clip_labels(sample_setup):
     positions = rendered.decision_positions
     assert (item["speak_labels"][positions] == rendered.speak_events).all()
     assert (item["dst_labels"][positions] == rendered.dst_events).all()
-    assert (item["speak_labels"] != data.IGNORE).sum() == clip.num_frames
+    assert (item["speak_labels"] != sequence.IGNORE).sum() == clip.num_frames
     assert item["frame_features"].shape == (clip.num_frames, 1152)
 
 
@@ -118,10 +121,10 @@ def test_sample_clip_blocks(sample_setup):
     assert ids[dst_end + 1] == R.asst_id
     # Targets: [DST] predicts the first text token ... the last text token predicts EOS; the role token
     # itself (predicted from the decision position) is never a target.
-    assert r.dst_targets[pos] == data.IGNORE and r.asst_targets[pos] == data.IGNORE
+    assert r.dst_targets[pos] == sequence.IGNORE and r.asst_targets[pos] == sequence.IGNORE
     assert list(r.dst_targets[pos + 1:dst_end]) == list(ids[pos + 2:dst_end + 1])
     assert r.dst_targets[dst_end - 1] == R.eos_id
-    assert r.dst_targets[dst_end] == data.IGNORE  # EOS predicts [ASST]: not a target
+    assert r.dst_targets[dst_end] == sequence.IGNORE  # EOS predicts [ASST]: not a target
     # The user turn at 193 comes before frame 193's decision position, after its <image>.
     i193 = 193 - clip.start
     p193 = r.decision_positions[i193]
@@ -140,7 +143,7 @@ def test_sample_clip_blocks(sample_setup):
 def test_system_prompt_pinned(sample_clip):
     steps = [clips.Step(s["id"], s["name"], s["start_ts"], s["end_ts"]) for s in sample_clip["dst"]]
     state = clips.initial_state(steps, 193, 2)
-    text = data.system_prompt_text(sample_clip["conversation"][0]["content"], steps, state)
+    text = sequence.system_prompt_text(sample_clip["conversation"][0]["content"], steps, state)
     assert text == (
         "You are a helpful and proactive assistant. Always be ready to assist and provide useful information ahead of time.\n"
         "Task steps:\n"
@@ -167,7 +170,7 @@ def test_later_clip_prompt_never_leaks_future_state(tmp_path, sample_clip, token
     cfg = make_split(tmp_path, [clip0, clip1], tokenizer_dir)
     problems = data.validate(cfg, ["train"])
     assert any("initial_dst_state disagrees" in p.message and p.level == "WARNING" for p in problems)
-    tokenizer = data.load_tokenizer(tokenizer_dir)
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
     dataset = data.ClipDataset(cfg, "train", tokenizer)
     second = dataset.clips[1]
     assert second.initial_state() == {
@@ -192,7 +195,7 @@ def test_turns_at_same_frame_all_kept(tmp_path, sample_clip, tokenizer_dir):
     clip = copy.deepcopy(sample_clip)
     clip["conversation"].append({"role": "assistant", "content": "Second reply.", "time": 112.7})
     cfg = make_split(tmp_path, [clip], tokenizer_dir)
-    tokenizer = data.load_tokenizer(tokenizer_dir)
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
     dataset = data.ClipDataset(cfg, "train", tokenizer)
     events = dataset.clips[0].events()
     assert events[224].asst_texts[-1] == "Second reply." and len(events[224].asst_texts) == 2
@@ -224,7 +227,7 @@ def test_proassist_layout_rows_are_absolute_frames(tmp_path, sample_clip, I, col
     parsed, problems = clips.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
     assert parsed is not None, problems
     # "f.arrow" is named after no video and, at I = 1, holds only cls: declared per-video, else it is ambiguous.
-    store = data.FrameStore(I, 8, frames_layout="per_video")
+    store = frames.FrameStore(I, 8, frames_layout="per_video")
     feats = store.features(parsed)
     assert feats.shape == (10 * I, 8)
     # Frame 45's tokens: cls first, then the patch cells row-major.
@@ -241,7 +244,7 @@ def test_per_clip_layout_with_start_offset(tmp_path, sample_clip):
         writer.write_table(table)
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
     parsed, _ = clips.parse_clip({**clip, "frames_file": "clip.arrow"}, "x.json", 0, cfg)
-    store = data.FrameStore(1, 4)
+    store = frames.FrameStore(1, 4)
     assert store.layout(parsed) == ("per_clip", 0)
     np.testing.assert_array_equal(store.features(parsed), values.astype(np.float32))
 
@@ -255,10 +258,10 @@ def test_raw_frame_layout(tmp_path, sample_clip):
         writer.write_table(table)
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
     parsed, _ = clips.parse_clip({**clip, "frames_file": "raw.arrow"}, "x.json", 0, cfg)
-    store = data.FrameStore(1, 4)
+    store = frames.FrameStore(1, 4)
     assert store.layout(parsed) == ("raw", 2)
     assert store.raw_frames(parsed) == jpegs[2:5]
-    with pytest.raises(data.DataError, match="raw frames"):
+    with pytest.raises(DataError, match="raw frames"):
         store.features(parsed)
 
 
@@ -267,8 +270,8 @@ def test_short_ambiguous_file_is_an_error(tmp_path, sample_clip):
     write_proassist_features(tmp_path / "f.arrow", 45, dim=4)  # neither >= 50 rows nor exactly 10
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
     parsed, _ = clips.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
-    with pytest.raises(data.DataError, match=r"needs frame 49 but the file has 45 rows"):
-        data.FrameStore(1, 4).features(parsed)
+    with pytest.raises(DataError, match=r"needs frame 49 but the file has 45 rows"):
+        frames.FrameStore(1, 4).features(parsed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,33 +283,33 @@ def test_nfs_counts_and_determinism(sample_setup):
     r = dataset.renderer.render(dataset.clips[0])
     n_events = int((r.speak_events | r.dst_events).sum())  # 9 frames with an event
     n_silent = len(r.speak_events) - n_events  # 249
-    keep = data.nfs_keep(r.speak_events, r.dst_events, 0.1, 0, 0, 0)
+    keep = sequence.nfs_keep(r.speak_events, r.dst_events, 0.1, 0, 0, 0)
     assert keep.sum() == n_events + round(0.1 * n_silent)  # 9 + 25
     assert keep[r.speak_events | r.dst_events].all()
     # Hard negatives: frame 449 is a DST positive with no speech -> kept with speak label 0.
-    speak, update = data.head_labels(r, keep)
+    speak, update = sequence.head_labels(r, keep)
     p449 = r.decision_positions[449 - 193]
     assert speak[p449] == 0 and update[p449] == 1
     # Same (seed, epoch, clip) -> same frames (every rank, every resume); another epoch -> another draw.
-    again = data.nfs_keep(r.speak_events, r.dst_events, 0.1, 0, 0, 0)
+    again = sequence.nfs_keep(r.speak_events, r.dst_events, 0.1, 0, 0, 0)
     assert (again == keep).all()
-    other = data.nfs_keep(r.speak_events, r.dst_events, 0.1, 0, 1, 0)
+    other = sequence.nfs_keep(r.speak_events, r.dst_events, 0.1, 0, 1, 0)
     assert not (other == keep).all()
     # At least one silent frame is kept even at tiny rho.
-    assert data.nfs_keep(r.speak_events, r.dst_events, 0.0001, 0, 0, 0).sum() == n_events + 1
+    assert sequence.nfs_keep(r.speak_events, r.dst_events, 0.0001, 0, 0, 0).sum() == n_events + 1
     # Unkept silent frames are -100 for both heads.
-    assert ((speak == data.IGNORE) == (update == data.IGNORE)).all()
+    assert ((speak == sequence.IGNORE) == (update == sequence.IGNORE)).all()
 
 
 def test_nfs_schedule(tmp_path):
     cfg = load_config(None, ["data.nfs_schedule=linear", "data.nfs_rho_start=0.5", "data.nfs_rho_end=0.1",
                              "train.max_steps=100"])
-    assert data.rho_at(cfg, 0) == 0.5 and abs(data.rho_at(cfg, 50) - 0.3) < 1e-12 and abs(data.rho_at(cfg, 100) - 0.1) < 1e-12
+    assert sequence.rho_at(cfg, 0) == 0.5 and abs(sequence.rho_at(cfg, 50) - 0.3) < 1e-12 and abs(sequence.rho_at(cfg, 100) - 0.1) < 1e-12
 
 
 def test_sampler_sharding_and_resume_cursor():
     lengths = list(range(50, 87))  # 37 clips
-    ranks = [data.ClipBatchSampler(lengths, 2, rank=r, world_size=2, seed=3) for r in range(2)]
+    ranks = [data.ClipBatchSampler(lengths, data.BatchPlan(2, 1, world_size=2), rank=r, seed=3) for r in range(2)]
     per_rank = [[b for _, b in zip(range(30), iter(s))] for s in ranks]
     # Each step's clips are split across ranks without overlap; 37 // 4 = 9 steps per epoch.
     assert ranks[0].steps_per_epoch == 9 and len(ranks[0]) == 9
@@ -318,7 +321,7 @@ def test_sampler_sharding_and_resume_cursor():
     assert [k.epoch for k in per_rank[0][9]] == [1, 1]  # endless: epoch 1 follows
     # Resume: a fresh sampler started at the cursor of batch 12 continues with batch 13, exactly.
     consumed = per_rank[0][12][0]
-    resumed = data.ClipBatchSampler(lengths, 2, rank=0, world_size=2, seed=3)
+    resumed = data.ClipBatchSampler(lengths, data.BatchPlan(2, 1, world_size=2), rank=0, seed=3)
     resumed.start(consumed.epoch, consumed.cursor)
     continued = [b for _, b in zip(range(10), iter(resumed))]
     assert continued == per_rank[0][13:23]
@@ -329,7 +332,9 @@ def test_sampler_sharding_and_resume_cursor():
 
 def step_clips(sampler_args: dict, world_size: int, steps: int, start=(0, 0)) -> list[list[int]]:
     """The clips of each optimizer step, gathered over every rank and micro-step of the given split."""
-    samplers = [data.ClipBatchSampler(**sampler_args, rank=r, world_size=world_size) for r in range(world_size)]
+    args = dict(sampler_args)
+    plan = data.BatchPlan(args.pop("micro_batch"), args.pop("grad_accum"), world_size)
+    samplers = [data.ClipBatchSampler(plan=plan, **args, rank=r) for r in range(world_size)]
     for s in samplers:
         s.start(*start)
     streams = [iter(s) for s in samplers]
@@ -351,7 +356,7 @@ def test_sampler_steps_do_not_depend_on_the_split(grouping):
     lengths = [int(x) for x in np.random.default_rng(0).integers(100, 400, size=45)]
     base = dict(lengths=lengths, seed=7, length_grouping=grouping)
     splits = [(1, 1, 8), (1, 4, 2), (2, 2, 2), (2, 4, 1)]  # (world, micro_batch, grad_accum)
-    assert data.ClipBatchSampler(lengths, 1, grad_accum=8).steps_per_epoch == 5  # 12 steps cross two epochs
+    assert data.ClipBatchSampler(lengths, data.BatchPlan(1, 8)).steps_per_epoch == 5  # 12 steps cross two epochs
     reference = step_clips({**base, "micro_batch": 1, "grad_accum": 8}, 1, 12)
     for world, mb, accum in splits[1:]:
         assert step_clips({**base, "micro_batch": mb, "grad_accum": accum}, world, 12) == reference
@@ -458,8 +463,8 @@ def test_overlength_policy(tmp_path, sample_clip, tokenizer_dir, capsys):
     short.update(end_frame_idx=213, clip_idx=1)
     short["conversation"] = [t for t in short["conversation"] if "time" not in t or t["time"] < 106]
     cfg = make_split(tmp_path, [sample_clip, short], tokenizer_dir, extra=["data.max_seq_len=500"])
-    tokenizer = data.load_tokenizer(tokenizer_dir)
-    with pytest.raises(data.DataError, match=r"1 clip\(s\) exceed data.max_seq_len=500.*clip 0"):
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
+    with pytest.raises(DataError, match=r"1 clip\(s\) exceed data.max_seq_len=500.*clip 0"):
         data.ClipDataset(cfg, "train", tokenizer)
     cfg.data.on_overlength = "drop"
     ds = data.ClipDataset(cfg, "train", tokenizer)
@@ -473,16 +478,16 @@ def test_overlength_policy(tmp_path, sample_clip, tokenizer_dir, capsys):
     assert [c.part for c in pieces] == list(range(len(pieces)))
     assert all(n <= 500 for n in ds.lengths)
     assert f"1 over-length clip(s) cut into {len(pieces)} sub-clips" in capsys.readouterr().out
-    data.ClipBatchSampler(ds.lengths, 1)
+    data.ClipBatchSampler(ds.lengths, data.BatchPlan(1, 1))
 
 
 def test_pad_distinct_from_eos(tokenizer_dir):
     from transformers import AutoTokenizer
     raw = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    assert raw.pad_token_id == raw.eos_token_id  # the fixture reproduces the user's old setup
-    tok = data.load_tokenizer(tokenizer_dir)
+    assert raw.pad_token_id == raw.eos_token_id  # the fixture has pad == eos, as many real tokenizers
+    tok = sequence.load_tokenizer(tokenizer_dir)
     assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
-    assert len(data.new_token_ids(tok)) == 5
+    assert len(sequence.new_token_ids(tok)) == 5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -545,8 +550,8 @@ def test_make_demo_cli_deterministic_and_valid(tmp_path):
 def test_dataset_refuses_missing_frames_before_training(tmp_path, sample_clip, tokenizer_dir):
     cfg = make_split(tmp_path, [sample_clip], tokenizer_dir)
     (tmp_path / "feat" / f"{sample_clip['video_uid']}.arrow").unlink()
-    with pytest.raises(data.DataError, match=r"1 invalid clip\(s\).*\n.*frames file not found"):
-        data.ClipDataset(cfg, "train", data.load_tokenizer(tokenizer_dir))
+    with pytest.raises(DataError, match=r"1 invalid clip\(s\).*\n.*frames file not found"):
+        data.ClipDataset(cfg, "train", sequence.load_tokenizer(tokenizer_dir))
 
 
 class _Array2D(pa.ExtensionType):
@@ -580,7 +585,7 @@ def test_fixed_size_and_extension_typed_columns(tmp_path, sample_clip, registere
     try:
         cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4"])
         parsed, _ = clips.parse_clip({**clip, "frames_file": "f.arrow"}, "x.json", 0, cfg)
-        store = data.FrameStore(1, 4, frames_layout="per_video")
+        store = frames.FrameStore(1, 4, frames_layout="per_video")
         np.testing.assert_array_equal(store.features(parsed), values[3:8, 0].astype(np.float32))
     finally:
         if registered:

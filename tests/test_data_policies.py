@@ -14,9 +14,12 @@ import pyarrow as pa
 import pytest
 
 import clips
+from clips import DataError
 import data
 from config import load_config
 from conftest import write_proassist_features
+import frames
+import sequence
 
 UID = "assembly_nusar-2021_action_both_9011-c03f_9011_user_id_2021-02-01_160239__HMC_84355350_mono10bit"
 
@@ -69,8 +72,8 @@ def bad_frames_split(tmp_path, sample_clip, tokenizer_dir):
 def test_bad_values_later_in_a_clip_refuse_the_run_before_it_starts(bad_frames_split, tokenizer_dir):
     tmp_path, clips = bad_frames_split
     cfg = split_config(tmp_path, clips, tokenizer_dir)
-    tokenizer = data.load_tokenizer(tokenizer_dir)
-    with pytest.raises(data.DataError) as caught:
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
+    with pytest.raises(DataError) as caught:
         data.ClipDataset(cfg, "train", tokenizer)
     message = str(caught.value)
     # Every bad clip in one message, each with file, clip index, video_uid and its first bad frame.
@@ -84,7 +87,7 @@ def test_bad_values_later_in_a_clip_refuse_the_run_before_it_starts(bad_frames_s
 def test_skip_runs_on_the_rest_and_lists_each_skipped_clip(bad_frames_split, tokenizer_dir, capsys):
     tmp_path, clips = bad_frames_split
     cfg = split_config(tmp_path, clips, tokenizer_dir, "data.on_invalid_clip=skip")
-    dataset = data.ClipDataset(cfg, "train", data.load_tokenizer(tokenizer_dir))
+    dataset = data.ClipDataset(cfg, "train", sequence.load_tokenizer(tokenizer_dir))
     assert [c.video_uid for c in dataset.clips] == [UID] and len(dataset.lengths) == 1
     out = capsys.readouterr().out
     assert f"skipped {tmp_path / 'split.json'}:clip 1 (nan_late): " in out and "frame 300" in out
@@ -104,14 +107,14 @@ def test_skip_runs_on_the_rest_and_lists_each_skipped_clip(bad_frames_split, tok
 
 def test_a_read_that_fails_later_names_the_clip(tmp_path, sample_clip, tokenizer_dir):
     cfg = split_config(tmp_path, [sample_clip], tokenizer_dir)
-    dataset = data.ClipDataset(cfg, "train", data.load_tokenizer(tokenizer_dir))
+    dataset = data.ClipDataset(cfg, "train", sequence.load_tokenizer(tokenizer_dir))
     # The file changes under the run (rewritten by another job): the error says which clip, not just pyarrow's words.
     (tmp_path / "feat" / f"{UID}.arrow").write_bytes(b"not arrow at all")
     dataset.store._tables.clear()
-    with pytest.raises(data.DataError, match=rf"clip 0 {UID}\): not an Arrow IPC file"):
+    with pytest.raises(DataError, match=rf"clip 0 {UID}\): not an Arrow IPC file"):
         dataset.item(0)
     (tmp_path / "feat" / f"{UID}.arrow").unlink()
-    with pytest.raises(data.DataError, match=rf"clip 0 {UID}\): frames file not found"):
+    with pytest.raises(DataError, match=rf"clip 0 {UID}\): frames file not found"):
         dataset.item(0)
 
 
@@ -124,7 +127,7 @@ def test_frame_check_reads_without_float32_copies(tmp_path, sample_clip):
     cfg = load_config(None, [f"data.root={tmp_path}", f"data.feature_dim={dim}"])
     clip, problems = clips.parse_clip(raw, "x.json", 0, cfg)
     assert clip is not None, problems
-    store = data.FrameStore.from_config(cfg)
+    store = frames.FrameStore.from_config(cfg)
     store.table(clip.frames_path)  # opening the file is not what is measured
     tracemalloc.start()
     store.check(clip)
@@ -147,7 +150,7 @@ def sample_parsed(sample_clip, mutate=None) -> clips.Clip:
     return clip
 
 
-def assert_proper_pieces(clip: clips.Clip, pieces: list[clips.Clip], renderer: data.Renderer, max_len: int) -> None:
+def assert_proper_pieces(clip: clips.Clip, pieces: list[clips.Clip], renderer: sequence.Renderer, max_len: int) -> None:
     """Pieces tile the clip, each fits, each is a proper clip, and no turn is lost or duplicated."""
     assert [p.start for p in pieces] == [clip.start] + [p.end for p in pieces[:-1]] and pieces[-1].end == clip.end
     assert [p.part for p in pieces] == list(range(len(pieces)))
@@ -178,7 +181,7 @@ def assert_proper_pieces(clip: clips.Clip, pieces: list[clips.Clip], renderer: d
 
 @pytest.mark.parametrize("max_len", [380, 400, 451, 500, 700, 1100])
 def test_split_pieces_are_proper_clips(sample_clip, tokenizer_dir, max_len):
-    renderer = data.Renderer(data.load_tokenizer(tokenizer_dir), 1)
+    renderer = sequence.Renderer(sequence.load_tokenizer(tokenizer_dir), 1)
     clip = sample_parsed(sample_clip)
     pieces = data.split_clip(clip, renderer, max_len)
     assert len(pieces) >= 2
@@ -186,7 +189,7 @@ def test_split_pieces_are_proper_clips(sample_clip, tokenizer_dir, max_len):
 
 
 def test_split_never_cuts_right_after_a_turn(sample_clip, tokenizer_dir):
-    renderer = data.Renderer(data.load_tokenizer(tokenizer_dir), 1)
+    renderer = sequence.Renderer(sequence.load_tokenizer(tokenizer_dir), 1)
     clip = sample_parsed(sample_clip)
     rendered = renderer.render(clip)
     # A budget where frames [193, 213) fit exactly: the furthest cut would be at 213, right after frame 212,
@@ -202,7 +205,7 @@ def test_split_never_cuts_right_after_a_turn(sample_clip, tokenizer_dir):
 def test_split_never_cuts_where_spans_and_updates_disagree(sample_clip, tokenizer_dir):
     """S2's span says it starts at 110.0 s (frame 219), its DST_UPDATE says 106.8 s (frame 212). Between them
     a prompt state from the spans (S2 not_started) would contradict the stream (S2 started): no cut there."""
-    renderer = data.Renderer(data.load_tokenizer(tokenizer_dir), 1)
+    renderer = sequence.Renderer(sequence.load_tokenizer(tokenizer_dir), 1)
     clip = sample_parsed(sample_clip, lambda raw: raw["dst"][1].update(start_ts=110.0))
     max_len = int((renderer.render(clip).token_frames < 217).sum())  # the furthest cut would be at 217
     bounds = data.piece_bounds(clip, renderer, max_len)
@@ -223,12 +226,12 @@ def test_a_frame_over_the_budget_on_its_own_is_named(tmp_path, sample_clip, toke
     short["conversation"] = [t for t in short["conversation"] if "time" not in t or t["time"] < 106]
     cfg = split_config(tmp_path, [long_reply_clip(sample_clip), short], tokenizer_dir,
                        "data.max_seq_len=500", "data.on_overlength=split")
-    tokenizer = data.load_tokenizer(tokenizer_dir)
-    with pytest.raises(data.DataError, match=r"clip 0 \(.*\): renders to \d+ tokens, over data.max_seq_len=500, "
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
+    with pytest.raises(DataError, match=r"clip 0 \(.*\): renders to \d+ tokens, over data.max_seq_len=500, "
                                              r"and data.on_overlength=split cannot cut it: frame 299 alone"):
         data.ClipDataset(cfg, "train", tokenizer)
-    with pytest.raises(data.DataError, match=r"split.json:clip 0 \([^)]*\): frame 299 alone renders to \d+ prompt \+ \d+ frame tokens"):
-        data.split_clip(clips.load_split(cfg, "train")[0][0], data.Renderer(tokenizer, 1), 500)
+    with pytest.raises(DataError, match=r"split.json:clip 0 \([^)]*\): frame 299 alone renders to \d+ prompt \+ \d+ frame tokens"):
+        data.split_clip(clips.load_split(cfg, "train")[0][0], sequence.Renderer(tokenizer, 1), 500)
     # Under skip the run proceeds on the other clip and says why clip 0 is out.
     cfg.data.on_invalid_clip = "skip"
     dataset = data.ClipDataset(cfg, "train", tokenizer)
@@ -242,7 +245,7 @@ def test_a_frame_over_the_budget_on_its_own_is_named(tmp_path, sample_clip, toke
 def test_validate_warns_where_split_cuts_and_errs_where_it_cannot(tmp_path, sample_clip, tokenizer_dir):
     cfg = split_config(tmp_path, [sample_clip, with_uid(long_reply_clip(sample_clip), "long")], tokenizer_dir,
                        "data.max_seq_len=500")
-    tokenizer = data.load_tokenizer(tokenizer_dir)
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
     assert [(p.level, p.clip_index) for p in data.validate(cfg, ["train"], tokenizer)] == [("ERROR", 0), ("ERROR", 1)]
     cfg.data.on_overlength = "split"
     problems = data.validate(cfg, ["train"], tokenizer)
@@ -252,7 +255,7 @@ def test_validate_warns_where_split_cuts_and_errs_where_it_cannot(tmp_path, samp
 
 
 def test_split_sub_clips_train_with_stable_nfs_draws(tmp_path, sample_clip, tokenizer_dir, capsys):
-    tokenizer = data.load_tokenizer(tokenizer_dir)
+    tokenizer = sequence.load_tokenizer(tokenizer_dir)
     broken = with_uid(sample_clip, "broken")
     broken["conversation"][2]["role"] = "narrator"
     cfg = split_config(tmp_path, [broken, sample_clip], tokenizer_dir, "data.max_seq_len=500",
@@ -265,8 +268,8 @@ def test_split_sub_clips_train_with_stable_nfs_draws(tmp_path, sample_clip, toke
     for position, clip in enumerate(dataset.clips):
         item = dataset.item(position, epoch=3, rho=0.2)
         rendered = dataset.renderer.render(clip)
-        keep = data.nfs_keep(rendered.speak_events, rendered.dst_events, 0.2, cfg.train.seed, 3, [1, clip.part + 1])
-        assert (item["speak_labels"] == data.head_labels(rendered, keep)[0]).all()
+        keep = sequence.nfs_keep(rendered.speak_events, rendered.dst_events, 0.2, cfg.train.seed, 3, [1, clip.part + 1])
+        assert (item["speak_labels"] == sequence.head_labels(rendered, keep)[0]).all()
         assert item["frame_features"].shape == (clip.num_frames, 16)
     # Another rank or a resume builds the dataset again: every sub-clip draws the same frames.
     again = data.ClipDataset(cfg, "train", tokenizer, announce=False)
@@ -359,20 +362,20 @@ def layout_clip(tmp_path, sample_clip, file_name: str, rows: int, *overrides: st
     cfg = load_config(None, [f"data.root={tmp_path}", "data.feature_dim=4", *overrides])
     clip, problems = clips.parse_clip(raw, "x.json", 0, cfg)
     assert clip is not None, problems
-    return clip, data.FrameStore.from_config(cfg), values.astype(np.float32)
+    return clip, frames.FrameStore.from_config(cfg), values.astype(np.float32)
 
 
 def test_per_clip_file_with_extra_rows_is_not_read_shifted(tmp_path, sample_clip):
     # Clip [10, 20) with its own 25-row file: per clip it is rows 0..9, per video rows 10..19.
     clip, store, values = layout_clip(tmp_path, sample_clip, "clip_0003.arrow", 25)
-    with pytest.raises(data.DataError) as caught:
+    with pytest.raises(DataError) as caught:
         store.features(clip)
     message = str(caught.value)
     assert f"{tmp_path / 'clip_0003.arrow'} (clip 0 {UID})" in message
     assert "per video (row k = frame k, rows 10..19)" in message
     assert "per clip with 15 extra rows (row i = frame 10 + i, rows 0..9)" in message
     assert "data.frames_layout=per_video" in message and "data.frames_layout=per_clip" in message
-    with pytest.raises(data.DataError, match="both readings fit"):
+    with pytest.raises(DataError, match="both readings fit"):
         store.check(clip)  # refused at start-up, not when the first batch is read
     clip, store, values = layout_clip(tmp_path, sample_clip, "clip_0003.arrow", 25, "data.frames_layout=per_clip")
     assert store.layout(clip) == ("per_clip", 0)
@@ -394,9 +397,9 @@ def test_auto_layout_where_the_file_tells(tmp_path, sample_clip):
     assert store.layout(clip) == ("per_clip", 0)
     # Too short for a video's file, too long for a clip's: the fix is named.
     clip, store, _ = layout_clip(tmp_path, sample_clip, "c.arrow", 12)
-    with pytest.raises(data.DataError, match="2 extra rows at the end, set data.frames_layout=per_clip"):
+    with pytest.raises(DataError, match="2 extra rows at the end, set data.frames_layout=per_clip"):
         store.check(clip)
     # An explicit layout that does not fit is an error too.
     clip, store, _ = layout_clip(tmp_path, sample_clip, "c.arrow", 12, "data.frames_layout=per_video")
-    with pytest.raises(data.DataError, match=r"needs frame 19 but the file has 12 rows \(data.frames_layout=per_video"):
+    with pytest.raises(DataError, match=r"needs frame 19 but the file has 12 rows \(data.frames_layout=per_video"):
         store.check(clip)

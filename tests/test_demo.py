@@ -292,7 +292,7 @@ def test_model_dir_loads_offline_with_pad_equal_to_eos(dataset, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
 
-    # The user's past bug, reproduced on purpose: the loader must add a distinct <pad>.
+    # pad == eos on purpose (as many real tokenizers ship): the loader must add a distinct <pad> (test_data.py).
     assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
     assert tokenizer.bos_token == "<s>" and tokenizer.unk_token == "<unk>"

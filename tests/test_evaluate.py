@@ -10,12 +10,15 @@ import pytest
 import torch
 
 import evaluate
-import train
+import stream
 from checkpoint import load_for_inference
+from clips import load_split
 from config import load_config
 from conftest import SAMPLE_CLIP, demo_config, run_train, tiny_overrides, write_proassist_features
-from clips import load_split
-from data import ClipDataset, FrameStore, Renderer, collate
+from data import ClipDataset, collate, model_inputs
+from frames import FrameStore
+from sequence import Renderer
+
 
 SCHEMA = {
     "split", "checkpoint", "num_videos", "num_frames", "embedder", "thresholds", "speak", "nlg", "dst", "decisions",
@@ -67,7 +70,7 @@ def test_oracle_is_perfect_on_sample_clip_with_minilm(tmp_path, tokenizer_dir):
 
 def _single_clip_video(cfg, split="val"):
     clips, _ = load_split(cfg, split)
-    videos = evaluate.assemble_videos(clips)
+    videos = stream.assemble_videos(clips)
     return next(v for v in videos if len(v.clips) == 1)
 
 
@@ -79,16 +82,16 @@ def test_teacher_forced_stream_equals_training_forward(tiny_ckpt, threshold):
     video = _single_clip_video(cfg)
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
     store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
-    feats = evaluate.video_features(video, store, cfg.data.num_tokens_per_frame)
+    feats = stream.video_features(video, store, cfg.data.num_tokens_per_frame)
     cfg.eval.max_new_tokens, cfg.eval.max_dst_tokens = 3, 3
-    runner = evaluate.StreamingRunner(model, renderer, cfg, torch.device("cpu"), teacher_forced=True)
-    records = runner.run(video, feats, evaluate.Thresholds(threshold, threshold))
+    runner = stream.StreamingRunner(model, renderer, cfg, torch.device("cpu"), teacher_forced=True)
+    records = runner.run(video, feats, stream.Thresholds(threshold, threshold))
 
     dataset = ClipDataset(cfg, "val", tokenizer)
     index = next(i for i, c in enumerate(dataset.clips) if c.video_uid == video.video_uid)
     batch = collate([dataset.item(index)], dataset.renderer.pad_id)
     with torch.no_grad():
-        out = model(**train.model_inputs(batch, all_frames=True))
+        out = model(**model_inputs(batch, all_frames=True))
     p_speak = torch.sigmoid(out["speak_logits"]).numpy()
     p_dst = torch.sigmoid(out["dst_logits"]).numpy()
     assert len(records) == len(p_speak) == video.num_frames
@@ -108,9 +111,9 @@ def test_context_strategies_stream_past_the_budget(tiny_ckpt, strategy):
     cfg.eval.context_strategy = strategy
     cfg.eval.max_new_tokens, cfg.eval.max_dst_tokens = 4, 4
     video = _single_clip_video(cfg)
-    feats = evaluate.video_features(video, FrameStore(1, cfg.data.feature_dim), 1)
-    runner = evaluate.StreamingRunner(model, Renderer(tokenizer, 1), cfg, torch.device("cpu"))
-    records = runner.run(video, feats, evaluate.Thresholds(0.0, 0.0))
+    feats = stream.video_features(video, FrameStore(1, cfg.data.feature_dim), 1)
+    runner = stream.StreamingRunner(model, Renderer(tokenizer, 1), cfg, torch.device("cpu"))
+    records = runner.run(video, feats, stream.Thresholds(0.0, 0.0))
     assert len(records) == video.num_frames and runner.context_resets > 0
     assert runner.cache.get_seq_length() <= cfg.data.max_seq_len
 
@@ -148,7 +151,7 @@ def test_bad_inputs_fail_clearly(tiny_ckpt, tmp_path, capsys):
 
 
 def test_repetition_guard():
-    repeats = evaluate.StreamingRunner._repeats
+    repeats = stream.StreamingRunner._repeats
     assert repeats([1, 2, 3, 1, 2, 3], 3)
     assert not repeats([1, 2, 3, 4, 5, 6], 3)
     assert not repeats([1, 2, 1, 2], 0)  # 0 = off

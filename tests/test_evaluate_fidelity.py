@@ -16,12 +16,17 @@ import yaml
 
 import checkpoint
 import evaluate
+import stream
 import train
 from checkpoint import CheckpointError, load_for_inference
+from clips import DataError, load_split
 from config import Config, load_config
 from conftest import ROOT, SAMPLE_CLIP, cut_sample, demo_config, write_proassist_features
-from clips import load_split
-from data import ClipDataset, DataError, FrameStore, Renderer, collate
+from data import ClipDataset, collate, model_inputs
+from frames import FrameStore
+from logs import Progress
+from model import inference_precision
+from sequence import Renderer
 
 # ----------------------------------------------------------------------------------------------------
 # The sample clip cut into several clips of one video
@@ -62,7 +67,7 @@ def test_clips_of_one_video_give_each_reference_once(tmp_path, capsys, ranges):
     whole = load_clips(write_sample_split(tmp_path / "whole", [(193, 451)]))[0]
     clips = load_clips(write_sample_split(tmp_path, ranges))
     assert len(clips) == 2
-    (video,) = evaluate.assemble_videos(clips)
+    (video,) = stream.assemble_videos(clips)
     assert (video.start, video.end) == (193, 451)
     # The events of the whole video are exactly those of the uncut clip: same frames, nothing twice.
     assert video.events == whole.events()
@@ -108,9 +113,9 @@ def test_clips_of_one_video_that_cannot_form_a_timeline_are_refused(tmp_path):
     clips = load_clips(write_sample_split(tmp_path, [(193, 260), (260, 451)]))
     swapped = [dataclasses.replace(clips[0], clip_idx=1), dataclasses.replace(clips[1], clip_idx=0)]
     with pytest.raises(DataError, match="a clip starts before clip_idx 0 .frame 260."):
-        evaluate.assemble_videos(swapped)
+        stream.assemble_videos(swapped)
     with pytest.raises(DataError, match=r"its clips disagree on fps \(\[1.0, 2.0\]\)"):
-        evaluate.assemble_videos([clips[0], dataclasses.replace(clips[1], fps=1.0)])
+        stream.assemble_videos([clips[0], dataclasses.replace(clips[1], fps=1.0)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,14 +238,14 @@ def checkpoint_with_precision(tiny_ckpt: Path, tmp_path: Path, precision: str) -
 
 
 def test_precision_defaults_to_the_checkpoints_training_precision(tiny_ckpt, tmp_path, capsys):
-    choose = evaluate.inference_precision
+    choose = inference_precision
     assert choose(None, "fp32", "cuda", (7, 5))[0] == torch.float32  # auto would give fp16 on Turing
     assert choose(None, "auto", "cuda", (7, 5))[0] == torch.float16
     assert choose(None, "auto", "cuda", (9, 0))[0] == torch.bfloat16
     assert choose(None, "auto", "cpu", None)[0] == torch.float32
     assert choose("fp16", "fp32", "cuda", (9, 0))[0] == torch.float16
     assert choose("auto", "fp32", "cuda", (7, 5))[0] == torch.float16
-    assert "train.precision=auto, which gives fp16 on this compute capability 7.5" in choose(None, "auto", "cuda", (7, 5))[1]
+    assert "train.precision=auto, which gives fp16 on this compute capability 7.5" in choose(None, "auto", "cuda", (7, 5)).reason
 
     ckpt = checkpoint_with_precision(tiny_ckpt, tmp_path, "bf16")
     args = ["--ckpt", str(ckpt), "--split", "val", "--max-videos", "1", "--embedder", "bow",
@@ -279,7 +284,7 @@ def head_probabilities(model, dataset: ClipDataset, index: int) -> tuple[np.ndar
     """Per-frame (p_speak, p_dst) of one training-style forward over a dataset clip, all frames read."""
     batch = collate([dataset.item(index)], dataset.renderer.pad_id)
     with torch.no_grad():
-        out = model(**train.model_inputs(batch, all_frames=True))
+        out = model(**model_inputs(batch, all_frames=True))
     return torch.sigmoid(out["speak_logits"]).numpy(), torch.sigmoid(out["dst_logits"]).numpy()
 
 
@@ -314,10 +319,10 @@ def test_teacher_forced_stream_equals_training_forward_on_a_multi_clip_video(tin
     model, tokenizer, cfg = load_for_inference(tiny_ckpt)
     cfg.eval.max_new_tokens, cfg.eval.max_dst_tokens = 3, 3
     clips, _ = load_split(cfg, "val")
-    video = next(v for v in evaluate.assemble_videos(clips) if len(v.clips) > 1)
-    feats = evaluate.video_features(video, FrameStore(1, cfg.data.feature_dim), 1)
-    runner = evaluate.StreamingRunner(model, Renderer(tokenizer, 1), cfg, torch.device("cpu"), teacher_forced=True)
-    records = runner.run(video, feats, evaluate.Thresholds(threshold, threshold))
+    video = next(v for v in stream.assemble_videos(clips) if len(v.clips) > 1)
+    feats = stream.video_features(video, FrameStore(1, cfg.data.feature_dim), 1)
+    runner = stream.StreamingRunner(model, Renderer(tokenizer, 1), cfg, torch.device("cpu"), teacher_forced=True)
+    records = runner.run(video, feats, stream.Thresholds(threshold, threshold))
     assert runner.context_resets == 0  # the whole video fits the context: nothing but the rendering differs
     streamed = np.array([[r.p_speak for r in records], [r.p_dst for r in records]])  # (2, num_frames)
     if threshold < 0:
@@ -345,7 +350,6 @@ def test_teacher_forced_stream_equals_training_forward_on_a_multi_clip_video(tin
 
 
 def test_progress_away_from_a_terminal_is_plain_lines(capsys):
-    from frames import Progress
     progress = Progress(3, "stream speak>0.5 dst>0.5", "video", every_s=0.0)
     for _ in range(3):
         progress.update()

@@ -18,20 +18,10 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat modules live in the repo root
 
 from config import LossConfig  # noqa: E402
-from losses import (  # noqa: E402
-    COUNT_KEYS,
-    compute_loss,
-    count_targets,
-    ddp_loss_scale,
-    global_target_counts,
-    head_histograms,
-    head_labels,
-    head_scores,
-    loss_sums,
-    normalize_losses,
-)
+from losses import COUNT_KEYS, compute_loss, count_targets, ddp_loss_scale, global_target_counts, head_histograms, head_scores, loss_sums, normalize_losses  # noqa: E402
+from losses import head_logit_labels  # noqa: E402
+from sequence import IGNORE  # noqa: E402
 
-IGNORE = -100
 FEATURE_DIM, VOCAB = 6, 5
 
 
@@ -471,10 +461,10 @@ def test_histograms_merge_like_an_all_reduce(scored_logits):
 
 
 def test_histograms_from_model_outputs_and_head_labels(clips):
-    """The head's labels are aligned with its logits via head_labels, masked per head."""
+    """The head's labels are aligned with its logits via head_logit_labels, masked per head."""
     batch = collate(clips)
     outputs = TinyModel()(batch)
-    speak_labels, dst_labels = head_labels(batch, outputs["speak_logits"].shape[0])
+    speak_labels, dst_labels = head_logit_labels(batch, outputs["speak_logits"].shape[0])
     speak_hist = head_histograms(outputs["speak_logits"], speak_labels)
     dst_hist = head_histograms(outputs["dst_logits"], dst_labels)
     counts = dict(zip(COUNT_KEYS, count_targets(batch).tolist()))

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat modules
 
 import model as model_module  # noqa: E402
 from config import Config  # noqa: E402
-from data import load_tokenizer, new_token_ids  # noqa: E402
+from sequence import IGNORE, load_tokenizer, new_token_ids  # noqa: E402
 from model import (  # noqa: E402
     LoRALinear,
     activation_checkpointing_active,
@@ -284,7 +284,7 @@ def test_fused_cross_entropy_equals_logits_cross_entropy(tokenizer, base_vocab):
         batch = make_batch(tokenizer)
         text_mask = batch["text_mask"]
         targets = torch.roll(batch["input_ids"], -1, dims=1)[text_mask] % model.vocab_size  # (n_text,) in the vocab
-        targets[3] = losses.IGNORE_INDEX  # an ignored row contributes nothing
+        targets[3] = IGNORE  # an ignored row contributes nothing
 
         def grads(out_loss):
             model.zero_grad(set_to_none=True)

@@ -19,20 +19,21 @@ PIL = pytest.importorskip("PIL", reason="raw JPEG frames need Pillow (pip instal
 from PIL import Image  # noqa: E402
 
 import demo  # noqa: E402
-from conftest import FRAME_SIZE, ROOT, TINY_VISION, write_tiny_vlm  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_for_inference, load_model_tensors, save_checkpoint  # noqa: E402
-from config import load_config  # noqa: E402
-from clips import load_split
-from data import ClipDataset, DataError, Renderer, collate, load_tokenizer  # noqa: E402
-from data import main as data_main  # noqa: E402
-from evaluate import StreamingRunner, Thresholds, assemble_videos, video_features  # noqa: E402
-from frames import (  # noqa: E402
-    FramePreprocessing, FrameStore, RawFrameReader, extract_features, raw_video_features, require_pillow,
-)
 from backbones import FrameEncoder, build_frame_encoder, load_vlm, pooled_tokens  # noqa: E402
-from model import build_model, model_state_for_checkpoint  # noqa: E402
+from checkpoint import load_for_inference, load_model_tensors, save_checkpoint  # noqa: E402
+from clips import DataError, load_split  # noqa: E402
+from config import load_config  # noqa: E402
+from conftest import FRAME_SIZE, ROOT, TINY_VISION, run_train, write_tiny_vlm  # noqa: E402
+from data import BatchPlan, ClipBatchSampler, ClipDataset, collate, model_inputs  # noqa: E402
+from data import main as data_main  # noqa: E402
+from extract import extract_features  # noqa: E402
+from frames import FramePreprocessing, FrameStore, RawFrameReader, require_pillow  # noqa: E402
+from model import build_model, model_state_for_checkpoint, param_groups  # noqa: E402
+from sequence import Renderer, load_tokenizer  # noqa: E402
+from stream import StreamingRunner, Thresholds, assemble_videos, raw_video_features, video_features  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def raw_demo(tmp_path_factory) -> Path:
@@ -248,13 +249,13 @@ def loss_steps(cfg, tokenizer, steps: int = 3) -> tuple[list[float], torch.nn.Mo
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tokenizer).train()
     dataset = ClipDataset(cfg, "train", tokenizer)
-    optimizer = torch.optim.AdamW(train.param_groups(model, 0.0), lr=3e-3)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=3e-3)
     results = []
     for step in range(steps):
         picks = [(2 * step) % len(dataset), (2 * step + 1) % len(dataset)]
         batch = collate([dataset.item(i, 0, 0.5) for i in picks], dataset.renderer.pad_id)
         counts = losses.count_targets(batch)
-        outputs = model(**train.model_inputs(batch))
+        outputs = model(**model_inputs(batch))
         loss, _ = losses.compute_loss(outputs, batch, counts, cfg.loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -302,6 +303,61 @@ def test_raw_frames_need_raw_files_and_good_jpegs(raw_demo, tiny_vlm, extracted,
         reader.verify(clip)
 
 
+def first_new_clip(cfg, tokenizer, plan: BatchPlan, steps: int) -> tuple[int, int]:
+    """(step, clip) of the first clip the sampler hands out that no earlier step used, at step >= 1."""
+    dataset = ClipDataset(cfg, "train", tokenizer, announce=False)
+    samplers = [iter(ClipBatchSampler(dataset.lengths, plan, rank, cfg.train.seed, cfg.data.length_grouping))
+                for rank in range(plan.world_size)]
+    seen = set()
+    for step in range(steps):
+        clips = {key.clip for sampler in samplers for _ in range(plan.grad_accum) for key in next(sampler)}
+        if step >= 1 and clips - seen:
+            return step, min(clips - seen)
+        seen |= clips
+    raise AssertionError("every clip of the first steps was already used by step 0")
+
+
+def test_a_corrupt_frame_mid_run_stops_every_rank_with_the_last_complete_step(tiny_vlm, tmp_path):
+    """A JPEG broken in the middle of a clip passes the start-up check (first frames only) and fails when its step
+    comes, on one of 2 gloo ranks: both ranks stop after the last complete step, which is saved, the failing rank
+    names the file, clip and frame, the exit status is 65; with the frame repaired, the same command resumes."""
+    root = tmp_path / "data"
+    demo.make_demo(root, seed=1, num_videos=5, raw_frames=True, frame_size=FRAME_SIZE)
+    cfg = vlm_cfg(root, tiny_vlm, "data.frames=raw", "train.micro_batch=1", "data.length_grouping=false")
+    step, index = first_new_clip(cfg, load_tokenizer(tiny_vlm), BatchPlan(1, 1, 2), steps=6)
+    clip = ClipDataset(cfg, "train", load_tokenizer(tiny_vlm), announce=False).clips[index]
+    table = pa.ipc.open_file(str(clip.frames_path)).read_all()
+    cells = table.column("frame").to_pylist()
+    frame = (clip.start + clip.end) // 2
+    good = cells[frame]
+    cells[frame] = base64.b64encode(b"not a jpeg").decode()
+
+    def write_frames(column: list[str]) -> None:
+        with pa.ipc.new_file(str(clip.frames_path), table.schema) as writer:
+            writer.write_table(pa.table({"frame": column}, schema=table.schema))
+
+    write_frames(cells)
+    run_dir = tmp_path / "run"
+    overrides = [f"data.root={root}", f"model.path={tiny_vlm}", "model.init=pretrained", "model.trainable=lora",
+                 "model.lora_rank=4", "model.lora_alpha=8", "data.num_workers=0", "data.feature_dim=64",
+                 "data.frames=raw", "data.length_grouping=false", "train.micro_batch=1", "train.eval_every=0",
+                 "train.log_every=1", "train.save_every=100", "train.max_steps=6", f"run.dir={run_dir}"]
+    stopped = run_train(overrides, nproc=2, check=False)
+    assert stopped.returncode != 0 and "exitcode" in stopped.stderr and ": 65" in stopped.stderr, stopped.stderr[-3000:]
+    assert f"{clip.frames_path} (clip {index} {clip.video_uid}): frame {frame} is not a base64 JPEG" in stopped.stderr
+    assert f"stopped after step {step}: a frame could not be read" in stopped.stdout
+    assert sorted(p.name for p in run_dir.glob("step_*")) == [f"step_{step}"]
+    assert json.loads((run_dir / f"step_{step}" / "trainer_state.json").read_text())["step"] == step
+    # The one traceback is the launcher's own report of the workers' status (torchrun prints one for any non-zero
+    # exit); the workers end in the lines above.
+    assert stopped.stderr.count("Traceback") == 1 and "ChildFailedError" in stopped.stderr
+
+    cells[frame] = good
+    write_frames(cells)
+    resumed = run_train(overrides, nproc=2)
+    assert f"resumed from {run_dir / f'step_{step}'}" in resumed.stdout and (run_dir / "step_6").is_dir()
+
+
 def test_pillow_missing_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ModuleNotFoundError, match="requirements-frames.txt"):
@@ -337,7 +393,7 @@ def test_raw_frames_checkpoint_reloads_and_streams(raw_demo, tiny_vlm, tmp_path,
     reloaded, tokenizer2, cfg2 = load_for_inference(ckpt)
     model.eval()
     batch = collate([dataset.item(0), dataset.item(1)], dataset.renderer.pad_id)
-    inputs = train.model_inputs(batch, all_frames=True)
+    inputs = model_inputs(batch, all_frames=True)
     with torch.no_grad():
         expected, got = model(**inputs), reloaded(**inputs)
     for key in ("text_ce", "speak_logits", "dst_logits"):

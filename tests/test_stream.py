@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import train
+import stream
 from checkpoint import load_for_inference
-from clips import load_split
+from clips import FrameEvents, load_split
 from config import load_config
 from conftest import ROOT, SAMPLE_CLIP, cut_sample, write_proassist_features
-from data import ClipDataset, FrameStore, Renderer, collate, load_tokenizer
+from data import ClipDataset, collate, model_inputs
+from frames import FrameStore
 from model import build_model
+from sequence import Renderer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +30,15 @@ def loaded(tiny_ckpt):
 
 def video_and_features(cfg, split="val", multi_clip=False):
     clips, _ = load_split(cfg, split)
-    videos = evaluate.assemble_videos(clips)
+    videos = stream.assemble_videos(clips)
     video = next(v for v in videos if (len(v.clips) > 1) == multi_clip)
     store = FrameStore(cfg.data.num_tokens_per_frame, cfg.data.feature_dim)
-    return video, evaluate.video_features(video, store, cfg.data.num_tokens_per_frame)
+    return video, stream.video_features(video, store, cfg.data.num_tokens_per_frame)
 
 
 def runner_for(loaded, **kwargs):
     model, tokenizer, cfg = loaded
-    return evaluate.StreamingRunner(model, Renderer(tokenizer, cfg.data.num_tokens_per_frame), cfg,
+    return stream.StreamingRunner(model, Renderer(tokenizer, cfg.data.num_tokens_per_frame), cfg,
                                     torch.device("cpu"), **kwargs)
 
 
@@ -45,7 +46,7 @@ def test_preallocated_cache_stream_equals_dynamic_cache_stream(loaded):
     """Heads firing at every frame (generation, pending EOS, all of it): the same probabilities and texts."""
     _, _, cfg = loaded
     video, feats = video_and_features(cfg)
-    fire = evaluate.Thresholds(-1.0, -1.0)
+    fire = stream.Thresholds(-1.0, -1.0)
     fast = runner_for(loaded).run(video, feats, fire)
     slow = runner_for(loaded, cache="dynamic").run(video, feats, fire)
     assert len(fast) == len(slow) == video.num_frames
@@ -62,7 +63,7 @@ def test_teacher_forced_context_is_the_training_sequence(loaded):
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
     for threshold in (2.0, -1.0):  # never fires; fires everywhere (generate, then roll back)
         runner = runner_for(loaded, teacher_forced=True)
-        runner.run(video, feats, evaluate.Thresholds(threshold, threshold))
+        runner.run(video, feats, stream.Thresholds(threshold, threshold))
         assert runner.context_resets == 0
         assert runner.cache.get_seq_length() == len(runner.context_ids)
         expected = renderer.render(video.clips[0]).input_ids.tolist()
@@ -88,7 +89,7 @@ def expected_segment(renderer, video, record, teacher_forced: bool, tokens: list
     """Frame `record.frame` in the training layout, rendered here from the video and the record alone: the frame
     tokens and user blocks, then the reference blocks (teacher-forced) or a block for each head that fired,
     holding the tokens it generated (read from `tokens`, their text checked against the record)."""
-    ev = video.events.get(record.frame, evaluate.FrameEvents())
+    ev = video.events.get(record.frame, FrameEvents())
     expected = renderer.frame() + [t for text in ev.user_texts for t in renderer.user_block(text)]
     if teacher_forced:
         if ev.transitions:
@@ -121,11 +122,11 @@ def test_context_strategies_put_back_what_they_promise(loaded, strategy, teacher
     renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
     runner = runner_for(loaded, teacher_forced=teacher_forced)
     resets = snapshot_resets(runner)
-    records = runner.run(video, feats, evaluate.Thresholds(0.0, 0.0))  # fire often: blocks and EOS everywhere
+    records = runner.run(video, feats, stream.Thresholds(0.0, 0.0))  # fire often: blocks and EOS everywhere
     assert len(records) == video.num_frames and len(resets) >= 2 and runner.context_resets == len(resets)
     assert runner.cache.get_seq_length() == len(runner.context_ids) <= cfg.data.max_seq_len
     # The state after each frame: the stream's own legal updates, or the reference the context carried.
-    states_after = video.reference_states() if teacher_forced else evaluate.predicted_states(video, records)
+    states_after = video.reference_states() if teacher_forced else stream.predicted_states(video, records)
 
     def state_before(frame_index: int) -> dict:
         return states_after[frame_index - 1] if frame_index > 0 else video.initial_state
@@ -188,7 +189,7 @@ def test_half_precision_stream_keeps_rotary_buffers_and_equals_the_training_forw
     with half-precision rotary frequencies they drift by ~0.04 there)."""
     cfg, model, dataset = long_clip
     training_model, streaming_model = copy.deepcopy(model), copy.deepcopy(model)
-    runner = evaluate.StreamingRunner(streaming_model, dataset.renderer, cfg, torch.device("cpu"), teacher_forced=True,
+    runner = stream.StreamingRunner(streaming_model, dataset.renderer, cfg, torch.device("cpu"), teacher_forced=True,
                                       dtype=dtype)
     float_buffers = {name: b.dtype for name, b in streaming_model.named_buffers() if b.is_floating_point()}
     assert any("rotary" in name for name in float_buffers) and set(float_buffers.values()) == {torch.float32}
@@ -196,15 +197,15 @@ def test_half_precision_stream_keeps_rotary_buffers_and_equals_the_training_forw
     assert streaming_model.speak_head.weight.dtype == torch.float32
 
     clip = dataset.clips[0]
-    video = evaluate.assemble_videos([clip])[0]
-    feats = evaluate.video_features(video, dataset.store, cfg.data.num_tokens_per_frame)
-    records = runner.run(video, feats, evaluate.Thresholds(2.0, 2.0))  # the context is the training sequence
+    video = stream.assemble_videos([clip])[0]
+    feats = stream.video_features(video, dataset.store, cfg.data.num_tokens_per_frame)
+    records = runner.run(video, feats, stream.Thresholds(2.0, 2.0))  # the context is the training sequence
     probs = np.array([[r.p_speak for r in records], [r.p_dst for r in records]], dtype=np.float64)
     streamed = np.log(probs / (1 - probs))  # (2, num_frames) head logits
 
     batch = collate([dataset.item(0)], dataset.renderer.pad_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        out = training_model(**train.model_inputs(batch, all_frames=True))
+        out = training_model(**model_inputs(batch, all_frames=True))
     trained = torch.stack([out["speak_logits"], out["dst_logits"]]).double().numpy()
     positions = dataset.renderer.render(clip).decision_positions
     far = positions > 1000

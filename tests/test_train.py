@@ -16,18 +16,20 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import train
 from conftest import PY, ROOT, run_train, tiny_overrides, train_records
+from data import model_inputs
+from model import choose_precision
 
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers
 
 
 def test_precision_choice():
-    assert train.choose_precision("auto", "cuda", (7, 5))[:2] == (torch.float16, True)  # Titan RTX
-    assert train.choose_precision("auto", "cuda", (8, 0))[:2] == (torch.bfloat16, False)  # A100
-    assert train.choose_precision("auto", "cuda", (9, 0))[:2] == (torch.bfloat16, False)  # H100
-    assert train.choose_precision("auto", "cpu", None)[:2] == (torch.float32, False)
-    assert train.choose_precision("fp16", "cuda", (8, 0))[:2] == (torch.float16, True)
-    assert "7.5" in train.choose_precision("auto", "cuda", (7, 5))[2]
+    assert choose_precision("auto", "cuda", (7, 5))[:2] == (torch.float16, True)  # Titan RTX
+    assert choose_precision("auto", "cuda", (8, 0))[:2] == (torch.bfloat16, False)  # A100
+    assert choose_precision("auto", "cuda", (9, 0))[:2] == (torch.bfloat16, False)  # H100
+    assert choose_precision("auto", "cpu", None)[:2] == (torch.float32, False)
+    assert choose_precision("fp16", "cuda", (8, 0))[:2] == (torch.float16, True)
+    assert "7.5" in choose_precision("auto", "cuda", (7, 5))[2]
 
 
 def test_lr_schedule():
@@ -46,14 +48,16 @@ def test_lr_schedule():
 GRADS_SCRIPT = r"""
 import contextlib, sys, torch
 sys.path.insert(0, {root!r})
+import distributed
 import train
 from config import load_config
-from data import ClipDataset, collate, load_tokenizer
+from data import ClipDataset, collate
 from model import build_model
 from safetensors.torch import save_file
+from sequence import load_tokenizer
 mode, out = sys.argv[1], sys.argv[2]
 cfg = load_config({config!r}, {overrides!r})
-rank, _, world, device = train.setup_distributed(cfg.train.dist_timeout_s)
+rank, _, world, device = distributed.setup_distributed(cfg.train.dist_timeout_s)
 torch.manual_seed(0)
 tokenizer = load_tokenizer(cfg.model.path)
 model = build_model(cfg, tokenizer)
@@ -67,17 +71,17 @@ elif mode == "4x1":
 else:  # 2 ranks x 2 accumulation steps: rank r takes clips r and r + 2
     model = torch.nn.parallel.DistributedDataParallel(model)
     micro_batches = [collate([it], pad) for it in items[rank::2]]
-parts, counts = train.forward_backward(model, micro_batches, cfg, world, contextlib.nullcontext(),
+parts, counts = train.forward_backward(model, micro_batches, cfg, contextlib.nullcontext(),
                                        torch.amp.GradScaler("cpu", enabled=False))
-train.all_reduce(parts, world)
+distributed.all_reduce(parts, world)
 inner = model.module if world > 1 else model
 if rank == 0:
     grads = {{n: p.grad.contiguous() for n, p in inner.named_parameters() if p.grad is not None}}
     grads["__parts__"] = parts.float()
     save_file(grads, out)
 if world > 1:
-    train.end_distributed(world)  # barrier, then tear gloo down
-    train.exit_process(0)  # no interpreter finalization racing gloo's threads (see train.exit_process)
+    distributed.end_distributed(world)  # barrier, then tear gloo down
+    distributed.exit_process(0)  # no interpreter finalization racing gloo's threads (see distributed.exit_process)
 """
 
 
@@ -226,8 +230,8 @@ def test_checkpoint_reloads_identically_and_refuses_bad_weights(demo_dir, tmp_pa
         dataset = ClipDataset(cfg, "val", tokenizer)
         batch = collate([dataset.item(0)], dataset.renderer.pad_id)
         with torch.no_grad():
-            out1 = model(**train.model_inputs(batch, all_frames=True))
-            out2 = again(**train.model_inputs(batch, all_frames=True))
+            out1 = model(**model_inputs(batch, all_frames=True))
+            out2 = again(**model_inputs(batch, all_frames=True))
         for key in ("speak_logits", "dst_logits", "text_ce"):
             assert torch.equal(out1[key], out2[key])
         # The reloaded weights are the trained ones (heads, projector, new rows, LoRA included).

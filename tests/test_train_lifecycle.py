@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
-from conftest import run_train, start_train, tiny_overrides, train_records, wait_for_step
+import distributed
+from conftest import PY, ROOT, run_train, start_train, tiny_overrides, train_records, wait_for_step
+from validation import validation_subset
+
 
 
 def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(demo_dir, tmp_path):
@@ -34,7 +37,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(demo_dir
     wait_for_step(stopped, 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == train.EXIT_INTERRUPTED, err[-2000:]
+    assert proc.returncode == distributed.EXIT_INTERRUPTED, err[-2000:]
     checkpoints = sorted(stopped.glob("step_*"))
     assert len(checkpoints) == 1, checkpoints
     step = int(checkpoints[0].name.split("_")[1])
@@ -54,9 +57,9 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(demo_dir
 
 
 def test_a_second_signal_aborts_and_a_forwarded_copy_does_not(monkeypatch):
-    stop = train.GracefulStop(same_request_s=0.2)
+    stop = distributed.GracefulStop(same_request_s=0.2)
     exits = []
-    monkeypatch.setattr(train.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
     stop.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -114,16 +117,65 @@ def test_resume_with_another_split_of_the_same_clips_per_step(demo_dir, tmp_path
     assert "Traceback" not in refused.stderr
 
 
+def test_resume_on_fewer_ranks_continues_with_the_same_clips(demo_dir, tmp_path):
+    """2 gloo ranks x 1 clip x 2 accumulation, resumed by one process with 4 accumulation steps: the same 4 clips
+    per step, so the same losses and target counts as a run that was one process throughout."""
+    common = {"train.max_steps": 6, "train.save_every": 3}
+    straight = tmp_path / "straight"
+    run_train(tiny_overrides(demo_dir, straight, **common, **{"train.grad_accum": 4}))
+    ranks = tmp_path / "ranks"
+    run_train(tiny_overrides(demo_dir, ranks, **{"train.max_steps": 3, "train.grad_accum": 2}), nproc=2)
+    resumed = run_train(tiny_overrides(demo_dir, ranks, **common, **{"train.grad_accum": 4}))
+    assert "batch split 2x1x2 -> 1x1x4, the same 4 clips per step" in resumed.stdout
+    ra, rb = train_records(straight), train_records(ranks)
+    for step in range(1, 7):
+        assert rb[step]["loss"] == pytest.approx(ra[step]["loss"], rel=1e-4), step
+        assert [rb[step][f"n_{k}"] for k in ("asst", "dst", "speak_pos")] == [ra[step][f"n_{k}"] for k in ("asst", "dst", "speak_pos")]
+
+
+AUTO_BATCH_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, {root!r})
+import distributed, train
+# Each rank's largest micro-batch under its memory: rank 0 shares its GPU with a display and fits fewer clips.
+fits = {{0: 1, 1: 2}}[int(os.environ["RANK"])]
+train.largest_micro_batch = lambda model, dataset, cfg, device, autocast, limit: fits
+distributed.exit_process(train.main({args!r}))
+"""
+
+
+def test_auto_batch_takes_the_micro_batch_every_rank_can_afford(demo_dir, tmp_path):
+    """train.auto_batch under 2 gloo ranks whose (faked) memory allows 1 and 2 clips per micro-batch: both ranks
+    use 1 (x 2 accumulation steps), the checkpoint records that split, and the run computes what a run configured
+    that way computes (no clip duplicated or skipped)."""
+    reference = tmp_path / "configured"
+    run_train(tiny_overrides(demo_dir, reference, **{"train.max_steps": 3, "train.grad_accum": 2}), nproc=2)
+    auto = tmp_path / "auto"
+    args = [str(ROOT / "configs" / "demo.yaml"), *tiny_overrides(demo_dir, auto, **{
+        "train.max_steps": 3, "train.micro_batch": 2, "train.grad_accum": 1, "train.auto_batch": "true"})]
+    script = tmp_path / "auto_batch.py"
+    script.write_text(AUTO_BATCH_SCRIPT.format(root=str(ROOT), args=args))
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.auto_batch: micro_batch 2 -> 1, grad_accum 1 -> 2" in result.stdout
+    state = json.loads((auto / "step_3" / "trainer_state.json").read_text())
+    assert (state["world_size"], state["micro_batch"], state["grad_accum"]) == (2, 1, 2)
+    ra, rb = train_records(reference), train_records(auto)
+    for step in (1, 2, 3):
+        assert rb[step]["loss"] == ra[step]["loss"] and rb[step]["n_asst"] == ra[step]["n_asst"], step
+
+
 def test_validation_subset_is_stratified_and_split_independent():
     lengths = [int(x) for x in np.random.default_rng(1).integers(100, 900, size=50)]
-    subset = train.validation_subset(lengths, 10, seed=0)
-    assert len(subset) == 10 and subset == train.validation_subset(lengths, 10, seed=0)
+    subset = validation_subset(lengths, 10, seed=0)
+    assert len(subset) == 10 and subset == validation_subset(lengths, 10, seed=0)
     chosen = sorted(lengths[i] for i in subset)
     ranked = sorted(lengths)
     for j, length in enumerate(chosen):  # one clip from each fifth-of-a-fifth... each tenth of the length ranking
         assert ranked[5 * j] <= length <= ranked[5 * j + 4]
-    assert train.validation_subset(lengths, 0, seed=0) == list(range(50))
-    assert train.validation_subset(lengths, 10, seed=1) != subset
+    assert validation_subset(lengths, 0, seed=0) == list(range(50))
+    assert validation_subset(lengths, 10, seed=1) != subset
 
 
 def test_validation_is_the_same_for_every_split_and_rank_count(demo_dir, tmp_path):
