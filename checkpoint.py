@@ -5,37 +5,52 @@ A checkpoint `runs/<name>/step_<N>/` holds
     model.safetensors     the tensors needed to rebuild the model (trainable ones; all of them when the
                           backbone itself was trained or randomly initialised)
     optimizer.pt          AdamW state (tensors and plain numbers only: loaded with weights_only=True)
+      or, for train.parallel=fsdp (sharded, docs/training.md#sharded-training-fsdp):
+    dcp/                  a Distributed Checkpoint of the same model tensors and the AdamW states, one file per
+                          rank that wrote it; it loads on any number of ranks, or whole in one process
+    optimizer_groups.json AdamW's hyperparameters per parameter group
     trainer_state.json    step, epoch, sampler cursor, tokens/frames seen, GradScaler state, best val loss
     rng_rank<R>.safetensors + rng_rank<R>.json   each rank's torch/CUDA and python/numpy RNG states
     config.yaml           the resolved config
     backbone/config.json  the backbone's architecture, so a fully trained model needs no base directory
     tokenizer files       the tokenizer with the project's special tokens
 
-Rank 0 writes everything into `.tmp_step_<N>`, fsyncs the files and the directory, then renames it to
-`step_<N>`: a crash leaves either the old set of checkpoints or the new one, never a half-written step.
-Loading never unpickles arbitrary objects.
+Everything is written into `.tmp_step_<N>` (by rank 0, or by every rank its shards), fsynced, then renamed to
+`step_<N>` by rank 0: a crash leaves either the old set of checkpoints or the new one, never a half-written step.
+Loading never unpickles arbitrary objects (DCP's metadata is read with a restricted unpickler).
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 import yaml
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
 
 from config import Config, ConfigError, apply_override, from_dict, to_yaml
 from logs import no_transformers_progress_bars
-from model import build_model, load_model_state
+from model import build_model, checkpoint_names, load_model_state
 from sequence import load_tokenizer
+from sharding import is_sharded
 
 @dataclass
 class TrainState:
@@ -51,7 +66,7 @@ class TrainState:
 
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml")
+REQUIRED_FILES = ("trainer_state.json", "config.yaml")  # besides the tensors of either layout (missing_files)
 
 
 class CheckpointError(RuntimeError):
@@ -80,7 +95,10 @@ def discard_unfinished_saves(run_dir: str | Path) -> list[Path]:
 
 
 def missing_files(ckpt: Path) -> list[str]:
-    return [f for f in REQUIRED_FILES if not (ckpt / f).is_file()]
+    """The files a complete checkpoint has that `ckpt` lacks: the DDP layout (model.safetensors, optimizer.pt)
+    or, where a dcp/ directory is, the sharded one (its .metadata)."""
+    tensors = (f"{SHARDED_DIR}/.metadata",) if (ckpt / SHARDED_DIR).is_dir() else ("model.safetensors", "optimizer.pt")
+    return [f for f in (*tensors, *REQUIRED_FILES) if not (ckpt / f).is_file()]
 
 
 def checkpoints_hint(run_dir: Path, flag: str, instead: str) -> str:
@@ -149,7 +167,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     np.random.set_state(np_state)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -157,44 +175,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     for p in sorted([d for d in path.rglob("*") if d.is_dir()] + [path]):
-        _fsync_dir(p)
+        fsync_dir(p)
 
 
-def save_checkpoint(
-    run_dir: str | Path, step: int, model_tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-    trainer_state: dict, cfg: Config, tokenizer, backbone_config, rng_states: list[tuple[dict, dict]],
-    keep_last: int,
-) -> Path:
-    """Write step_<step> atomically (rank 0 only), then keep the newest `keep_last`. Returns its path."""
-    run_dir = Path(run_dir)
-    final = run_dir / f"step_{step}"
-    tmp = run_dir / f".tmp_step_{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_tensors.items()}, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    for rank, (tensors, plain) in enumerate(rng_states):
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint holds beside the model and optimizer tensors (written by rank 0)."""
+    trainer_state: dict  # TrainState fields, the batch plan, the GradScaler state
+    tokenizer: Any
+    backbone_config: Any
+    rng_states: list  # one (tensors, plain) pair per rank, as rng_state() returns
+
+
+def write_meta(tmp: Path, cfg: Config, meta: CheckpointMeta) -> None:
+    """RNG states, config, tokenizer, backbone config, and trainer_state.json last: its presence inside step_<N>
+    is what a complete checkpoint looks like."""
+    for rank, (tensors, plain) in enumerate(meta.rng_states):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng_rank{rank}.safetensors"))
         (tmp / f"rng_rank{rank}.json").write_text(json.dumps(plain))
     (tmp / "config.yaml").write_text(to_yaml(cfg))
-    tokenizer.save_pretrained(str(tmp))
-    backbone_config.save_pretrained(str(tmp / "backbone"))
-    # trainer_state.json last: its presence inside step_<N> is what a complete checkpoint looks like.
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    _fsync_tree(tmp)
+    meta.tokenizer.save_pretrained(str(tmp))
+    meta.backbone_config.save_pretrained(str(tmp / "backbone"))
+    (tmp / "trainer_state.json").write_text(json.dumps(meta.trainer_state, indent=2))
+
+
+def fresh_tmp(run_dir: Path, step: int) -> Path:
+    """.tmp_step_<step>, empty: one left by a crash during an earlier save of this step is removed first."""
+    tmp = run_dir / f".tmp_step_{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, keep_last: int) -> Path:
+    """fsync the finished .tmp_step_<N>, rename it to step_<N>, keep the newest `keep_last`; returns step_<N>."""
+    final = tmp.parent / tmp.name.removeprefix(".tmp_")
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)  # re-saving the same step (e.g. the final save right after a periodic one)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    rotate(run_dir, keep_last)
+    fsync_dir(tmp.parent)
+    rotate(tmp.parent, keep_last)
     return final
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_tensors: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, cfg: Config, meta: CheckpointMeta, keep_last: int) -> Path:
+    """Write step_<step> atomically (rank 0 only, whole tensors), then keep the newest `keep_last`. Returns its path."""
+    tmp = fresh_tmp(Path(run_dir), step)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_tensors.items()}, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    write_meta(tmp, cfg, meta)
+    return publish(tmp, keep_last)
 
 
 def rotate(run_dir: str | Path, keep_last: int) -> list[Path]:
@@ -261,6 +300,227 @@ def seed_rank(seed: int, rank: int, step: int, resume_from: Optional[Path]) -> N
     torch.manual_seed(seed + 1000 * rank + step)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (train.parallel=fsdp): Distributed Checkpoint, every rank writes its shards; any number of
+# ranks (or one process without a process group) reads them
+
+SHARDED_DIR = "dcp"  # inside step_<N>: the DCP files, `.metadata` plus one `__<rank>_0.distcp` per rank
+OPTIMIZER_GROUPS = "optimizer_groups.json"  # inside step_<N>: AdamW's hyperparameters and each group's names
+SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+# What a DCP `.metadata` file may name when it is unpickled (see read_metadata), besides the classes defined in
+# DCP's metadata module and torch's dtypes. Anything else in the file is refused instead of being called.
+METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+}
+METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+
+
+def collective(model: nn.Module) -> bool:
+    """Whether checkpoint reads and writes of `model` are collectives over the process group: for a sharded
+    model they are; an unsharded one is saved and loaded by its one process (no process group, or one rank)."""
+    if is_sharded(model):
+        return True
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(f"a sharded checkpoint of an unsharded model on {dist.get_world_size()} ranks: every rank "
+                           f"would write the whole model; shard it first (shard_model)")
+    return False
+
+
+def _rank(model: nn.Module) -> int:
+    return dist.get_rank() if collective(model) else 0
+
+
+def _barrier(model: nn.Module) -> None:
+    if collective(model):
+        dist.barrier()
+
+
+def model_tensors(model: nn.Module, cfg: Config) -> dict[str, torch.Tensor]:
+    """The model tensors a checkpoint holds (checkpoint_names: trainable ones, or the whole backbone for full or
+    scratch runs; tied aliases once), as this rank's shards (DTensors) under FSDP or whole tensors without."""
+    state = get_model_state_dict(model)
+    return {name: state[name] for name in checkpoint_names(model, cfg)}
+
+
+def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
+    """(per-parameter AdamW state tensors keyed by parameter name, the param groups). States that do not exist
+    yet are created first (DCP loads into existing tensors): a zero-gradient step at lr 0 changes no weight."""
+    full = get_optimizer_state_dict(model, optimizer)
+    return full["state"], full["param_groups"]
+
+
+def save_sharded(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """Collective: every rank writes its shards of the model tensors and AdamW states into ckpt_dir/dcp, and
+    rank 0 writes the optimizer's hyperparameters to optimizer_groups.json. Only tensors go into DCP, so that
+    loading never unpickles a stored object (DCP would torch.load non-tensor entries without weights_only)."""
+    states, groups = optimizer_tensors(model, optimizer)
+    with warnings.catch_warnings():  # one process without a process group saves alone, as intended
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        dcp.save({"model": model_tensors(model, cfg), "optim": states}, checkpoint_id=str(ckpt_dir / SHARDED_DIR),
+                 no_dist=not collective(model))
+    if _rank(model) == 0:
+        (ckpt_dir / OPTIMIZER_GROUPS).write_text(json.dumps(groups, indent=1))
+
+
+def check_all_shards_written(tmp: Path) -> None:
+    """Rank 0 renames the directory, so every rank's shard file must be in it: not so when run.dir is local to
+    each node of a multi-node run."""
+    storage = read_metadata(tmp / SHARDED_DIR).storage_data.values()
+    missing = sorted({info.relative_path for info in storage if not (tmp / SHARDED_DIR / info.relative_path).is_file()})
+    if missing:
+        raise CheckpointError(
+            f"{tmp / SHARDED_DIR}: shard files {missing} written by other ranks are not visible to rank 0; with "
+            f"several nodes run.dir must be on a filesystem every node shares"
+        )
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            cfg: Config, meta: CheckpointMeta, keep_last: int) -> Path:
+    """Collective: write step_<step> atomically (every rank its shards into .tmp_step_<step>, then rank 0 the
+    rest, fsync, rename), keep the newest `keep_last`, and return the path once every rank may go on.
+
+    A stop at any moment leaves either the previous checkpoints or the new one: list_checkpoints ignores
+    the .tmp_ directory and discard_unfinished_saves deletes it at the next start. `meta` is read on rank 0
+    only."""
+    tmp = Path(run_dir) / f".tmp_step_{step}"
+    if _rank(model) == 0:
+        fresh_tmp(Path(run_dir), step)
+    _barrier(model)  # no rank writes before a stale directory is gone
+    save_sharded(tmp, model, optimizer, cfg)  # DCP ends with a collective: every shard is written after it
+    if _rank(model) == 0:
+        check_all_shards_written(tmp)
+        write_meta(tmp, cfg, meta)
+        publish(tmp, keep_last)
+    _barrier(model)
+    return Path(run_dir) / f"step_{step}"
+
+
+def is_sharded_checkpoint(ckpt: str | Path) -> bool:
+    return (Path(ckpt) / SHARDED_DIR / ".metadata").is_file()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        found = getattr(sys.modules.get(module), name, None)
+        allowed = ((module, name) in METADATA_GLOBALS
+                   or (module == METADATA_MODULE and isinstance(found, type) and found.__module__ == module)
+                   or (module == "torch" and isinstance(found, torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of DCP metadata")
+        return super().find_class(module, name)
+
+
+def read_metadata(sharded_dir: Path) -> Metadata:
+    """A DCP directory's `.metadata` (a pickle), unpickled with only DCP's metadata classes and torch's types
+    allowed: reading a checkpoint runs no code from it."""
+    path = Path(sharded_dir) / ".metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{sharded_dir}: no .metadata (not a complete Distributed Checkpoint directory)")
+    with open(path, "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: not DCP metadata ({type(metadata).__name__})")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata is read with read_metadata's restricted unpickler."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(Path(self.path))
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _require_tensors(metadata: Metadata, keys: Sequence[str], where: Path) -> None:
+    """Every requested key must be a stored tensor: DCP would torch.load a stored object without weights_only."""
+    entries = metadata.state_dict_metadata
+    missing = [k for k in keys if k not in entries]
+    objects = [k for k in keys if k in entries and not isinstance(entries[k], TensorStorageMetadata)]
+    if missing or objects:
+        raise CheckpointError(f"{where}: missing tensors {missing[:10]}; stored as objects, not tensors {objects[:10]}")
+
+
+def saved_model_names(ckpt: Path) -> list[str]:
+    metadata = read_metadata(ckpt / SHARDED_DIR)
+    return [key.removeprefix("model.") for key in metadata.state_dict_metadata if key.startswith("model.")]
+
+
+def read_sharded_tensors(ckpt: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Whole CPU tensors of a DCP checkpoint whose flattened names start with `prefix` ("model." for the model
+    tensors, "optim." for the AdamW states), names without the prefix. Runs in one process, with or without a
+    process group (no collective)."""
+    ckpt = Path(ckpt)
+    metadata = read_metadata(ckpt / SHARDED_DIR)
+    state = {key: torch.empty(item.size, dtype=item.properties.dtype)
+             for key, item in metadata.state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        dcp.load(state, storage_reader=_SafeReader(str(ckpt / SHARDED_DIR)), no_dist=True)
+    return {key.removeprefix(prefix): tensor for key, tensor in state.items()}
+
+
+def read_sharded_model_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP checkpoint, whole, as model.safetensors would hold them."""
+    return read_sharded_tensors(ckpt, "model.")
+
+
+def check_model_names(ckpt: Path, model: nn.Module, cfg: Config) -> None:
+    """The same strictness as model.load_model_state: the checkpoint holds exactly the expected tensors."""
+    expected, saved = set(checkpoint_names(model, cfg)), set(saved_model_names(ckpt))
+    if expected != saved:
+        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+        raise CheckpointError(
+            f"{ckpt}: checkpoint tensors do not match a model.trainable={cfg.model.trainable}, model.init="
+            f"{cfg.model.init} model: missing {len(missing)} {missing[:10]}; unexpected {len(unexpected)} "
+            f"{unexpected[:10]}. Was it saved with another model.trainable, model.lora_targets or backbone?"
+        )
+
+
+def saved_groups(ckpt: Path, groups: list[dict]) -> list[dict]:
+    """The checkpoint's AdamW param groups, which must name the same parameters as this optimizer's `groups`."""
+    saved = json.loads((ckpt / OPTIMIZER_GROUPS).read_text())
+    if [g["params"] for g in saved] != [g["params"] for g in groups]:
+        raise CheckpointError(f"{ckpt}/{OPTIMIZER_GROUPS}: saved for other trainable parameters or weight-decay "
+                              f"groups than this model's; resume with the run's model.trainable and model settings")
+    for group in saved:
+        group["betas"] = tuple(group["betas"])  # JSON made AdamW's tuple a list
+    return saved
+
+
+def load_sharded(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """Collective under FSDP: restore the model tensors and the AdamW state of a DCP checkpoint saved on any
+    number of ranks, into `model` sharded on any number of ranks, or unsharded in one process without a process
+    group. Refuses missing or unexpected tensors, other new-token ids and other trainable parameters."""
+    ckpt = Path(ckpt)
+    if not is_sharded_checkpoint(ckpt) and (ckpt / "model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt} was saved under train.parallel=ddp (model.safetensors, no {SHARDED_DIR}/): resume "
+                              f"it with train.parallel=ddp, or start a new run (another run.name) with fsdp")
+    check_model_names(ckpt, model, cfg)
+    states, groups = optimizer_tensors(model, optimizer)
+    state = {"model": model_tensors(model, cfg), "optim": states}
+    reader = _SafeReader(str(ckpt / SHARDED_DIR))
+    keys = [f"model.{n}" for n in state["model"]] + [f"optim.{n}.{k}" for n, entry in states.items() for k in entry]
+    _require_tensors(reader.read_metadata(), keys, ckpt)
+    groups = saved_groups(ckpt, groups)
+    with warnings.catch_warnings():  # one process without a process group loads alone, as intended
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        dcp.load(state, storage_reader=reader, no_dist=not collective(model))  # in place, this rank's slices
+    saved_ids, own_ids = state["model"]["new_token_ids"], model.new_token_ids
+    if not torch.equal(saved_ids.cpu(), own_ids.cpu()):
+        raise CheckpointError(f"{ckpt}: new-token ids {saved_ids.tolist()} differ from this tokenizer's "
+                              f"{own_ids.tolist()}: load the tokenizer saved with the checkpoint")
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": groups})
+
+
 def load_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     path = ckpt / "model.safetensors"
     if not path.is_file():
@@ -292,9 +552,10 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu", ove
         )
     with no_transformers_progress_bars():
         model = build_model(cfg, tokenizer)
+    sharded = is_sharded_checkpoint(ckpt)
     try:
-        load_model_state(model, load_model_tensors(ckpt), cfg)
+        load_model_state(model, read_sharded_model_tensors(ckpt) if sharded else load_model_tensors(ckpt), cfg)
     except (KeyError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{ckpt}/model.safetensors: {err}") from None
+        raise CheckpointError(f"{ckpt}/{SHARDED_DIR if sharded else 'model.safetensors'}: {err}") from None
     # A fresh copy: the one above had model.path pointed at the saved backbone to build it.
     return model.to(device).eval(), tokenizer, read_config(ckpt, overrides)

@@ -122,6 +122,8 @@ class TrainConfig:
     tensorboard: bool = False  # also log to TensorBoard when the package is installed
     dist_timeout_s: int = 600  # a collective waiting longer than this fails and ends the rank (a peer or the launcher died)
     compile: bool = False  # torch.compile each decoder layer (GPU): fuses the elementwise work; first steps compile, set data.pad_to_multiple
+    parallel: str = "ddp"  # ddp: each rank holds the whole model | fsdp: weights, gradients and AdamW states sharded over ranks (FSDP2)
+    fsdp_cpu_offload: bool = False  # fsdp: keep the shards and AdamW states in CPU memory (GPU only; slower, for models that do not fit otherwise)
 
 
 @dataclass
@@ -162,6 +164,7 @@ CHOICES = {
     "model.frozen_dtype": ("fp32", "fp16", "bf16"),
     "model.attn_implementation": ("causal_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
+    "train.parallel": ("ddp", "fsdp"),
     "eval.context_strategy": ("reset_with_dst", "drop_all", "drop_middle"),
 }
 

@@ -394,6 +394,18 @@ class BatchPlan:
                 f"rank(s) = {self.clips_per_step} clips per optimizer step")
 
 
+def search_micro_batch(fits, limit: int) -> int:
+    """The largest divisor of `limit` for which `fits(micro_batch)` holds, probing the divisors in increasing
+    order and stopping at the first failure (memory only grows with the micro-batch). Divisors only, so that
+    micro_batch x grad_accum (the clips per rank per step) stays what the config says."""
+    best = 0
+    for candidate in (d for d in range(1, limit + 1) if limit % d == 0):
+        if not fits(candidate):
+            break
+        best = candidate
+    return best
+
+
 class ClipBatchSampler:
     """Deterministic distributed batch sampler whose position is counted in optimizer steps.
 

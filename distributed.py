@@ -27,6 +27,15 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a signal stopped the run after a checkpoin
 EXIT_DATA_ERROR = 65  # EX_DATAERR: a frame could not be read mid-run; the last complete step was saved
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` over all ranks: what every rank can do (the value itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor)
+
+
 def all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -99,11 +108,13 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def setup_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
+def setup_distributed(timeout_s: int, cpu_offload: bool = False) -> tuple[int, int, int, torch.device]:
     """(rank, local_rank, world_size, device). torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU.
 
     A collective that waits longer than `timeout_s` (train.dist_timeout_s) fails and ends the rank: a rank
-    whose peers died must not wait for them for hours."""
+    whose peers died must not wait for them for hours. With `cpu_offload` (train.fsdp_cpu_offload) the sharded
+    gradients live in CPU memory and their norm, the GradScaler's inf check and the checkpoint gather CPU
+    tensors, which NCCL cannot carry: a gloo backend serves CPU tensors beside NCCL."""
     if "RANK" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 0, 1, device
@@ -113,7 +124,7 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cpu_offload else "nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)

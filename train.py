@@ -39,15 +39,18 @@ from torch.utils.data import DataLoader
 
 import losses
 from checkpoint import (
-    CheckpointError, TrainState, discard_unfinished_saves, find_resume, list_checkpoints, load_model_tensors,
-    load_optimizer_state, read_trainer_state, rng_state, save_checkpoint, seed_rank,
+    CheckpointError, CheckpointMeta, TrainState, discard_unfinished_saves, find_resume, is_sharded_checkpoint,
+    list_checkpoints, load_model_tensors, load_optimizer_state, load_sharded, read_trainer_state, rng_state,
+    save_checkpoint, save_sharded_checkpoint, seed_rank,
 )
 from clips import DataError
 from config import Config, ConfigError, OptimConfig, load_config, to_yaml
-from data import BatchPlan, ClipBatchSampler, ClipDataset, Collator, collate, model_inputs, to_device
+from data import (
+    BatchPlan, ClipBatchSampler, ClipDataset, Collator, collate, model_inputs, search_micro_batch, to_device,
+)
 from distributed import (
     EXIT_DATA_ERROR, EXIT_INTERRUPTED, GracefulStop, all_reduce, end_distributed, exit_process, ignore_stop_signals,
-    resume_command, setup_distributed,
+    min_over_ranks, resume_command, setup_distributed,
 )
 from logs import (
     Logger, Window, format_train_line, format_val_line, no_transformers_progress_bars, peak_flops, peak_memory_gb,
@@ -58,6 +61,7 @@ from model import (
 )
 from plots import write_training_curves
 from sequence import load_tokenizer, rho_at
+from sharding import backward_scale, clip_grad_norm_, shard_model
 from validation import evaluate_loss
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,8 +92,10 @@ def forward_backward(model, micro_batches: list[dict], cfg: Config, autocast, sc
             with autocast:
                 outputs = model(**model_inputs(mb))
             loss, parts = losses.compute_loss(outputs, mb, counts, cfg.loss)
-            # DDP averages gradients over ranks; the loss is already a global mean, so undo the average.
-            scaler.scale(loss * losses.ddp_loss_scale()).backward()
+            # The loss is already this rank's share of the global mean: the step's gradient is the sum over ranks,
+            # which DDP's average needs multiplied back (FSDP is set to sum). Under FSDP every micro-batch is
+            # reduce-scattered (no no_sync): unsharded gradients would cost a whole model's memory.
+            scaler.scale(loss * backward_scale(model)).backward()
         step_parts += losses.stack_parts(parts)
     return step_parts, counts
 
@@ -104,18 +110,6 @@ def fetch_step(batches, plan: BatchPlan, device: torch.device) -> tuple[Optional
         # A loader worker's error arrives wrapped in the worker's traceback; its last line is the error itself.
         last = text.splitlines()[-1] if "Original Traceback" in text else ""
         return None, last.split("DataError: ", 1)[1] if "DataError: " in last else text
-
-
-def search_micro_batch(fits, limit: int) -> int:
-    """The largest divisor of `limit` for which `fits(micro_batch)` holds, probing the divisors in increasing
-    order and stopping at the first failure (memory only grows with the micro-batch). Divisors only, so that
-    micro_batch x grad_accum (the clips per rank per step) stays what the config says."""
-    best = 0
-    for candidate in (d for d in range(1, limit + 1) if limit % d == 0):
-        if not fits(candidate):
-            break
-        best = candidate
-    return best
 
 
 def largest_micro_batch(model, dataset: ClipDataset, cfg: Config, device, autocast, limit: int) -> Optional[int]:
@@ -142,7 +136,8 @@ def largest_micro_batch(model, dataset: ClipDataset, cfg: Config, device, autoca
         except torch.OutOfMemoryError:
             peak = float("inf")
         model.zero_grad(set_to_none=True)
-        return peak < 0.9 * total
+        # Every rank probes the same micro-batches (the step's collectives must match): one fits where all fit.
+        return bool(min_over_ranks(int(peak < 0.9 * total), device))
 
     return search_micro_batch(fits, limit)
 
@@ -153,12 +148,10 @@ def auto_batch_plan(model, dataset: ClipDataset, cfg: Config, plan: BatchPlan, d
     local = largest_micro_batch(model, dataset, cfg, device, autocast, plan.clips_per_rank)
     if local is None:
         return plan, "train.auto_batch is for GPUs; on CPU the configured micro-batch is used"
-    agreed = torch.tensor(local, device=device)
-    if plan.world_size > 1:
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    if int(agreed) == 0:
+    agreed = min_over_ranks(local, device)
+    if agreed == 0:
         raise RuntimeError("train.auto_batch: even one clip of the longest length does not fit in 90% of the GPU")
-    chosen = plan.with_micro_batch(int(agreed))
+    chosen = plan.with_micro_batch(agreed)
     ranks = f"; rank {dist.get_rank()} alone could take {local}" if plan.world_size > 1 else ""
     return chosen, (f"train.auto_batch: micro_batch {plan.micro_batch} -> {chosen.micro_batch}, grad_accum "
                     f"{plan.grad_accum} -> {chosen.grad_accum} (largest under 90% of GPU memory on the longest clips, "
@@ -239,8 +232,14 @@ def make_loader(train_set: ClipDataset, plan: BatchPlan, cfg: Config, rank: int,
 
 def restore(run: Run, ckpt: Path, saved: dict) -> list[str]:
     """Weights, optimizer, scaler and loop state from a checkpoint; the sampler then starts where it stopped."""
-    load_model_state(run.raw_model, load_model_tensors(ckpt), run.cfg)
-    load_optimizer_state(ckpt, run.optimizer, run.device)
+    if run.cfg.train.parallel == "fsdp":
+        load_sharded(ckpt, run.raw_model, run.optimizer, run.cfg)  # on any number of ranks
+    elif is_sharded_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} was saved under train.parallel=fsdp (dcp/): resume it with "
+                              f"train.parallel=fsdp, on any number of ranks")
+    else:
+        load_model_state(run.raw_model, load_model_tensors(ckpt), run.cfg)
+        load_optimizer_state(ckpt, run.optimizer, run.device)
     notes = check_resumable(saved, ckpt, run.cfg, run.plan)
     known = {f.name for f in dataclasses.fields(TrainState)}
     run.state = TrainState(**{k: v for k, v in saved.items() if k in known})
@@ -256,11 +255,16 @@ def setup(cfg: Config, rank: int, world_size: int, device: torch.device, resume_
     The run directory is created only once all of it worked."""
     precision = run_precision(cfg, device)
     attention = configure_attention(device)
-    # -- model: the same initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
+    # -- model: the same initial weights on every rank (DDP also broadcasts rank 0's at wrap time); activation
+    # checkpointing (set at build) -> compile -> shard, in that order
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     with no_transformers_progress_bars():
-        model = build_model(cfg, tokenizer).to(device)
+        model = build_model(cfg, tokenizer)
+    if cfg.train.compile:
+        compile_decoder_layers(model)
+    sharded = cfg.train.parallel == "fsdp" and world_size > 1
+    model = shard_model(model, precision.dtype, cfg.train.fsdp_cpu_offload) if sharded else model.to(device)
     # -- data and the batch plan
     train_set = ClipDataset(cfg, "train", tokenizer, announce=rank == 0)
     val_set = ClipDataset(cfg, "val", tokenizer, announce=rank == 0) if cfg.train.eval_every else None
@@ -279,9 +283,7 @@ def setup(cfg: Config, rank: int, world_size: int, device: torch.device, resume_
               flops_per_token(model, int(sum(train_set.lengths) / len(train_set.lengths))))
     if resume_from is not None:
         notes += restore(run, resume_from, read_trainer_state(resume_from))
-    if cfg.train.compile:
-        compile_decoder_layers(model)
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         # No buffer broadcast (the buffers are derived from the tokenizer, identical on every rank); gradients
         # live in the all-reduce buckets instead of being copied into them.
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -292,7 +294,9 @@ def setup(cfg: Config, rank: int, world_size: int, device: torch.device, resume_
         report = train_set.report
         report_start(run, [
             f"precision: {precision.name} ({precision.reason}); {attention}"
-            + ("; train.compile: decoder layers compiled" if cfg.train.compile else ""),
+            + ("; train.compile: decoder layers compiled" if cfg.train.compile else "")
+            + (f"; FSDP over {world_size} ranks{' with CPU offload' if cfg.train.fsdp_cpu_offload else ''}"
+               if sharded else ""),
             describe(model), f"batch: {plan.describe()} (tokens and frames per step are logged)",
             f"data: {len(train_set)} train clips ({len(report.skipped)} skipped as invalid, {len(report.dropped)} "
             f"dropped as over-length, {len(report.split_clips)} split into sub-clips), {sampler.steps_per_epoch} "
@@ -387,7 +391,7 @@ def train_loop(run: Run, logger: Logger, stop: GracefulStop) -> dict:
         window.add(micro_batches, counts)
         state.epoch, state.cursor = micro_batches[-1]["epoch"], micro_batches[-1]["cursor"]
         run.scaler.unscale_(run.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        grad_norm = clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf, run.device)
         # Read the next step's batches before the sync: a frame that cannot be read stops every rank after this
         # step, with its checkpoint, instead of one rank dying and the others waiting on a collective.
         done = state.step + 1 >= cfg.train.max_steps
@@ -443,16 +447,18 @@ def save(run: Run) -> Path:
     if run.plan.world_size > 1:
         gathered = [None] * run.plan.world_size
         dist.all_gather_object(gathered, local)
+    trainer_state = {
+        **dataclasses.asdict(run.state), "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "world_size": run.plan.world_size, "micro_batch": run.plan.micro_batch, "grad_accum": run.plan.grad_accum,
+    }
+    meta = CheckpointMeta(trainer_state, run.tokenizer, run.raw_model.backbone.config, gathered)
+    if run.cfg.train.parallel == "fsdp":  # every rank writes its shards
+        return save_sharded_checkpoint(run.run_dir, run.state.step, run.raw_model, run.optimizer, run.cfg, meta,
+                                       run.cfg.train.keep_last)
     path = run.run_dir / f"step_{run.state.step}"
     if run.master:
-        trainer_state = {
-            **dataclasses.asdict(run.state), "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-            "world_size": run.plan.world_size, "micro_batch": run.plan.micro_batch, "grad_accum": run.plan.grad_accum,
-        }
-        path = save_checkpoint(
-            run.run_dir, run.state.step, model_state_for_checkpoint(run.raw_model, run.cfg), run.optimizer,
-            trainer_state, run.cfg, run.tokenizer, run.raw_model.backbone.config, gathered, run.cfg.train.keep_last,
-        )
+        path = save_checkpoint(run.run_dir, run.state.step, model_state_for_checkpoint(run.raw_model, run.cfg),
+                               run.optimizer, run.cfg, meta, run.cfg.train.keep_last)
     if run.plan.world_size > 1:
         dist.barrier()
     return path
@@ -466,7 +472,7 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training as configured. Returns a summary (final step, last records, checkpoint, and
     `interrupted`: the signal's name when a signal stopped it; `stopped`: "signal", "data" or None)."""
     prefer_expandable_segments()
-    rank, _, world_size, device = setup_distributed(cfg.train.dist_timeout_s)
+    rank, _, world_size, device = setup_distributed(cfg.train.dist_timeout_s, cfg.train.fsdp_cpu_offload)
     resume_from = find_resume(cfg)
     if cfg.train.resume == "never" and list_checkpoints(cfg.run.dir):
         raise ConfigError(

@@ -13,8 +13,9 @@ import losses
 from clips import DataError
 from config import Config
 from data import ClipDataset, collate, model_inputs, to_device
-from distributed import all_reduce
+from distributed import all_reduce, min_over_ranks
 from model import Precision
+from sharding import even_batches, is_sharded, reshard
 
 HIST_BINS = 1000  # probability bins for the validation AUROC (all-reducible histograms)
 
@@ -36,7 +37,8 @@ def evaluate_loss(model, dataset: ClipDataset, cfg: Config, precision: Precision
 
     Every rank takes its share of the same subset; sums and counts are all-reduced, so the result does not
     depend on the number of ranks or the micro-batch. A clip whose frames cannot be read on any rank gives
-    {"data_error": message or None (another rank's)} on every rank instead, after the same collectives."""
+    {"data_error": message or None (another rank's)} on every rank instead, after the same collectives.
+    `model` is the unwrapped model (no DDP wrapper: validation needs no gradient sync), or a sharded one."""
     device = next(model.parameters()).device
     model.eval()
     subset = validation_subset(dataset.lengths, cfg.train.eval_max_clips, cfg.train.seed)
@@ -53,16 +55,21 @@ def evaluate_loss(model, dataset: ClipDataset, cfg: Config, precision: Precision
     # Pass 2: loss sums and head histograms, then one all-reduce that also carries a failed read.
     sums = torch.zeros(len(losses.PART_KEYS) + 1 + 4 * HIST_BINS, dtype=torch.float64, device=device)
     parts_sum, failed, hists = sums[:len(losses.PART_KEYS)], sums[len(losses.PART_KEYS)], sums[-4 * HIST_BINS:]
-    error = None
-    for indices in batches:
+    # A sharded model's forward is a collective: every rank runs as many as the rank with the most batches
+    # (padding with its first clips, results dropped), and a failed read is agreed on before each forward.
+    sharded, error = is_sharded(model), None
+    for indices, real in (even_batches(batches, subset[:mb], device) if sharded else [(b, True) for b in batches]):
         try:
             batch = to_device(collate([dataset.item(i) for i in indices], pad_id, multiple), device)
         except DataError as err:
             error = str(err)
+        if (min_over_ranks(int(error is None), device) == 0) if sharded else error is not None:
             failed.fill_(1)
             break
         with precision.autocast(device.type):
             outputs = model(**model_inputs(batch))
+        if not real:
+            continue
         _, parts = losses.compute_loss(outputs, batch, counts, cfg.loss)
         parts_sum += losses.stack_parts(parts)
         for head, labels in zip(("speak", "dst"), losses.head_logit_labels(batch, outputs["speak_logits"].shape[0])):
@@ -71,6 +78,8 @@ def evaluate_loss(model, dataset: ClipDataset, cfg: Config, precision: Precision
                 outputs[f"{head}_logits"], labels, HIST_BINS).reshape(-1)
     # Every rank runs the same collectives, also one that had no validation batch or failed to read one.
     all_reduce(sums, world_size)
+    if sharded:
+        reshard(model)
     model.train()
     if float(failed) > 0:
         return {"data_error": error}

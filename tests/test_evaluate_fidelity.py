@@ -140,7 +140,7 @@ def make_fake_run(run_dir: Path, steps: list[int]) -> None:
     """step_<N> directories that look complete (the files exist), plus the debris a real run can hold."""
     for step in steps:
         (run_dir / f"step_{step}").mkdir(parents=True)
-        for name in checkpoint.REQUIRED_FILES:
+        for name in ("model.safetensors", "optimizer.pt", *checkpoint.REQUIRED_FILES):
             (run_dir / f"step_{step}" / name).write_text("")
     (run_dir / "step_700").mkdir()  # incomplete: not offered
     (run_dir / "step_700" / "config.yaml").write_text("")

@@ -19,10 +19,11 @@ FLOORS = [
     ["sequence", "frames"],  # tokens and labels of a clip; frame files and raw-frame decoding
     ["losses", "backbones"],  # the four losses; VLM towers and real-weight imports
     ["logs", "model"],  # log lines, progress, MFU; the model and its precision policy
-    ["nlg", "demo", "extract", "stream"],  # text metrics; demo data; feature extraction; the streaming runner
+    ["nlg", "demo", "extract", "stream", "sharding"],  # text metrics; demo data; feature extraction; the streaming
+    # runner; FSDP sharding
     ["data", "report"],  # clip policies, dataset, sampler, collate, data CLI; the evaluation report
     ["checkpoint", "validation"],  # checkpoints; validation during training
-    ["train", "evaluate"],  # the two scripts
+    ["train", "evaluate", "export"],  # the two scripts; exporting a checkpoint
 ]
 FLOOR = {module: level for level, modules in enumerate(FLOORS) for module in modules}
 LIMITS = {"train_lines": 550, "function_lines": 100, "parameters": 8}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import train
 from conftest import PY, ROOT, run_train, tiny_overrides, train_records
-from data import model_inputs
+from data import model_inputs, search_micro_batch
 from model import choose_precision
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,11 +302,11 @@ def test_micro_batch_search():
         probed.append(mb)
         return mb <= limit_clips
 
-    assert train.search_micro_batch(fits, 64) == 8
+    assert search_micro_batch(fits, 64) == 8
     assert probed == [1, 2, 4, 8, 16]  # divisors of 64, stopping at the first failure
-    assert train.search_micro_batch(lambda mb: True, 6) == 6  # divisors only: clips per rank per step unchanged
-    assert train.search_micro_batch(lambda mb: mb < 4, 12) == 3
-    assert train.search_micro_batch(lambda mb: False, 8) == 0
+    assert search_micro_batch(lambda mb: True, 6) == 6  # divisors only: clips per rank per step unchanged
+    assert search_micro_batch(lambda mb: mb < 4, 12) == 3
+    assert search_micro_batch(lambda mb: False, 8) == 0
 
 
 def test_half_precision_keeps_fp32_weights_and_optimizer_states(demo_dir, tmp_path):
