@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -60,7 +61,18 @@ class TrainState:
     cursor: int = 0  # optimizer steps of `epoch` done (the sampler's position)
     tokens_seen: int = 0
     frames_seen: int = 0
-    best_val_loss: Optional[float] = None
+    best_value: Optional[float] = None  # the best train.best_metric so far
+    best_step: Optional[int] = None  # the step it was validated at (runs/<name>/best names its checkpoint)
+    stale_evals: int = 0  # validations since then without a better value (train.early_stop_patience)
+
+    def record_validation(self, value: float, lower_is_better: bool) -> bool:
+        """Count a validation's train.best_metric at this step; returns whether it is the best so far."""
+        improved = self.best_value is None or (value < self.best_value if lower_is_better else value > self.best_value)
+        if improved:
+            self.best_value, self.best_step, self.stale_evals = value, self.step, 0
+        else:
+            self.stale_evals += 1
+        return improved
     skipped_steps: int = 0  # non-finite steps skipped
     max_steps: int = 0  # train.max_steps the run had when saved (a change rescales the learning-rate schedule)
 
@@ -237,14 +249,35 @@ def save_checkpoint(run_dir: str | Path, step: int, model_tensors: dict[str, tor
 
 
 def rotate(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints; the newest is never deleted. Returns the deleted."""
+    """Delete all but the newest `keep_last` checkpoints; the newest is never deleted, nor the one `best` names.
+    Returns the deleted."""
     if keep_last < 1:
         raise ValueError("keep_last must be >= 1")
-    checkpoints = list_checkpoints(run_dir)
-    doomed = checkpoints[:-keep_last]
+    best = best_checkpoint(run_dir)
+    doomed = [path for path in list_checkpoints(run_dir)[:-keep_last] if path != best]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
+
+
+BEST_LINK = "best"  # runs/<name>/best: a relative link to the step_<N> with the best train.best_metric
+
+
+def best_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The checkpoint `run_dir/best` names, or None."""
+    link = Path(run_dir) / BEST_LINK
+    return Path(run_dir) / os.readlink(link) if link.is_symlink() else None
+
+
+def mark_best(ckpt: Path) -> Path:
+    """Point `best` beside `ckpt` at it, atomically (a new link renamed over the old one); returns the link.
+    Rotation keeps the checkpoint it names; `evaluate.py --ckpt runs/<name>/best` evaluates it."""
+    link, tmp = ckpt.parent / BEST_LINK, ckpt.parent / f".{BEST_LINK}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(ckpt.name)
+    os.replace(tmp, link)
+    fsync_dir(ckpt.parent)
+    return link
 
 
 def check_complete(ckpt: Path) -> None:
@@ -521,6 +554,25 @@ def load_sharded(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": groups})
 
 
+def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, cfg: Config) -> TrainState:
+    """Resume: the model's weights, the AdamW state, the GradScaler state, and the loop state of a checkpoint.
+    Under train.parallel=fsdp from its Distributed Checkpoint (any number of ranks); otherwise from
+    model.safetensors and optimizer.pt. A checkpoint of the other layout is refused with the fix."""
+    if cfg.train.parallel == "fsdp":
+        load_sharded(ckpt, model, optimizer, cfg)
+    elif is_sharded_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} was saved under train.parallel=fsdp (dcp/): resume it with "
+                              f"train.parallel=fsdp, on any number of ranks")
+    else:
+        load_model_state(model, load_model_tensors(ckpt), cfg)
+        load_optimizer_state(ckpt, optimizer, next(model.parameters()).device)
+    saved = read_trainer_state(ckpt)
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in saved.items() if k in known})
+
+
 def load_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     path = ckpt / "model.safetensors"
     if not path.is_file():
@@ -551,7 +603,7 @@ def load_for_inference(ckpt: str | Path, device: str | torch.device = "cpu", ove
             f"missing; if it moved, pass its new place as an override, e.g. model.path=/new/place/of/the/base"
         )
     with no_transformers_progress_bars():
-        model = build_model(cfg, tokenizer)
+        model = build_model(cfg, tokenizer, torch.device(device))
     sharded = is_sharded_checkpoint(ckpt)
     try:
         load_model_state(model, read_sharded_model_tensors(ckpt) if sharded else load_model_tensors(ckpt), cfg)

@@ -74,7 +74,7 @@ class ModelConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # Linear module names that get LoRA adapters
     head_type: str = "linear"  # linear: Linear(H, 1) | mlp: H -> H/2 -> 1 decision heads
-    frozen_dtype: str = "fp32"  # storage dtype of frozen backbone weights: fp32 | fp16 | bf16 (trainable weights are always fp32)
+    frozen_dtype: str = "fp32"  # storage of frozen backbone weights: fp32 | fp16 | bf16 | nf4 (4-bit decoder linears, QLoRA; requirements-quant.txt); trainable weights are always fp32
     attn_implementation: str = "causal_sdpa"  # causal_sdpa: this project's mask-free causal SDPA (see model.py) | sdpa | eager | flash_attention_2
     vision_path: str = ""  # data.frames=raw: the VLM directory whose vision tower encodes frames; empty = model.path
     vision_batch_frames: int = 32  # data.frames=raw: frames per vision-tower call (bounds device memory, not results)
@@ -119,7 +119,12 @@ class TrainConfig:
     log_every: int = 10  # log-line cadence (>= 1); the only place losses are copied to the host
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row (>= 1)
     auto_batch: bool = False  # GPU only: search the largest micro_batch under 90% of device memory
-    tensorboard: bool = False  # also log to TensorBoard when the package is installed
+    tensorboard: bool = False  # also log every metrics.jsonl record to TensorBoard in runs/<name>/tb (requirements-track.txt)
+    wandb_project: str = ""  # W&B project to log every metrics.jsonl record to; empty: no W&B (requirements-track.txt)
+    wandb_mode: str = "offline"  # offline: written to runs/<name>/wandb, sent nowhere (upload later: wandb sync) | online
+    wandb_run_name: str = ""  # the W&B run's name; empty: the run directory's name
+    best_metric: str = "val/loss"  # the validation figure that picks runs/<name>/best (losses: lower is better; F1, AUROC, P, R: higher)
+    early_stop_patience: int = 0  # stop after this many validations in a row without a better best_metric; 0 = never
     dist_timeout_s: int = 600  # a collective waiting longer than this fails and ends the rank (a peer or the launcher died)
     compile: bool = False  # torch.compile each decoder layer (GPU): fuses the elementwise work; first steps compile, set data.pad_to_multiple
     parallel: str = "ddp"  # ddp: each rank holds the whole model | fsdp: weights, gradients and AdamW states sharded over ranks (FSDP2)
@@ -161,12 +166,21 @@ CHOICES = {
     "model.init": ("pretrained", "scratch"),
     "model.trainable": ("full", "lora", "frozen"),
     "model.head_type": ("linear", "mlp"),
-    "model.frozen_dtype": ("fp32", "fp16", "bf16"),
+    "model.frozen_dtype": ("fp32", "fp16", "bf16", "nf4"),
     "model.attn_implementation": ("causal_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
     "train.parallel": ("ddp", "fsdp"),
+    "train.wandb_mode": ("offline", "online"),
     "eval.context_strategy": ("reset_with_dst", "drop_all", "drop_middle"),
 }
+
+
+# Validation figures train.best_metric may name (as TensorBoard and W&B name them), and which way is better.
+BEST_METRICS = {
+    **{f"val/{part}": "min" for part in ("loss", "asst_ce", "dst_ce", "speak_bce", "dst_bce")},
+    **{f"val/{head}_{score}": "max" for head in ("speak", "dst") for score in ("f1", "auroc", "precision", "recall")},
+}
+CHOICES["train.best_metric"] = tuple(BEST_METRICS)
 
 
 @dataclass(frozen=True)
@@ -233,6 +247,7 @@ RANGES: dict[str, tuple[Range, str]] = {
     "train.seed": (AT_LEAST_0, "numpy seed sequences take non-negative integers"),
     "train.log_every": (AT_LEAST_1, ""),
     "train.max_bad_steps": (AT_LEAST_1, ""),
+    "train.early_stop_patience": (AT_LEAST_0, "0 never stops early"),
     "eval.speak_threshold": (UNIT, ""),
     "eval.dst_threshold": (UNIT, ""),
     "eval.max_new_tokens": (AT_LEAST_1, ""),

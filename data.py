@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 import demo
 from clips import (
@@ -36,9 +37,10 @@ from clips import (
     read_split_file, state_trajectory,
 )
 from config import Config, ConfigError, load_config, split_files
+from distributed import ignore_stop_signals
 from extract import extract_features
 from frames import FeatureDimError, FramePreprocessing, FrameStore, RawFrameReader
-from sequence import IGNORE, Renderer, head_labels, load_tokenizer, nfs_keep
+from sequence import IGNORE, Renderer, head_labels, load_tokenizer, nfs_keep, rho_at
 
 # ----------------------------------------------------------------------------------------------------
 # Usable clips: the invalid-clip and over-length policies (data.on_invalid_clip, data.on_overlength)
@@ -521,6 +523,24 @@ def collate(items: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict:
         batch["epoch"] = items[0]["epoch"]
         batch["cursor"] = items[0]["cursor"]
     return batch
+
+
+def make_loader(train_set: ClipDataset, plan: BatchPlan, cfg: Config, rank: int,
+                pin_memory: bool) -> tuple[DataLoader, ClipBatchSampler]:
+    """The training DataLoader of this rank: the resumable step sampler, collate in `data.num_workers` workers."""
+    sampler = ClipBatchSampler(train_set.lengths, plan, rank, cfg.train.seed, cfg.data.length_grouping)
+    # The NFS rate of a step follows from the step's position in the data stream, not from the loop's counter:
+    # loader prefetching must not change which rho a batch gets (exact resume).
+    sampler.rho_fn = lambda epoch, step: rho_at(cfg, epoch * sampler.steps_per_epoch + step)
+    loader = DataLoader(
+        train_set, batch_sampler=sampler, collate_fn=Collator(train_set.renderer.pad_id, cfg.data.pad_to_multiple),
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+        # A private generator: worker seeding must not consume the global RNG, or a resumed run would
+        # draw different dropout masks from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    return loader, sampler
 
 
 def model_inputs(batch: dict, all_frames: bool = False) -> dict:

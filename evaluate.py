@@ -229,6 +229,10 @@ def load_run(args, device: torch.device) -> tuple[Config, Optional[torch.nn.Modu
     if args.oracle:
         return read_config(ckpt, args.overrides), None, None, str(ckpt)
     model, tokenizer, cfg = load_for_inference(ckpt, device, args.overrides)
+    trained = read_config(ckpt).model.frozen_dtype
+    if cfg.model.frozen_dtype != trained:
+        print(f"note: the base is evaluated with model.frozen_dtype={cfg.model.frozen_dtype}, trained with {trained}: "
+              f"the adapters were trained against other base weights", file=sys.stderr)
     return cfg, model, tokenizer, str(ckpt)
 
 

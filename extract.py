@@ -24,7 +24,7 @@ from frames import (
     FrameChunks, FramePreprocessing, FrameStore, is_complete_feature_file, require_pillow, write_feature_file,
 )
 from logs import Progress
-from model import DTYPES, cast_frozen, choose_precision, device_capability
+from model import cast_frozen, choose_precision, device_capability, frozen_storage_dtype
 
 
 def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = None, num_workers: int = 2,
@@ -61,7 +61,7 @@ def extract_features(cfg, out_dir, frames_path: str = "", device: str | None = N
                                      cfg.data.num_tokens_per_frame, cfg.model.vision_batch_frames)
     if precision.dtype != torch.float32:
         # Stored as in training (model.frozen_dtype), so both paths compute the same numbers.
-        cast_frozen(encoder, DTYPES[cfg.model.frozen_dtype])
+        cast_frozen(encoder, frozen_storage_dtype(cfg, torch_device))
     encoder.to(torch_device)
     preprocessing = FramePreprocessing.from_model_dir(source)
     autocast = precision.autocast(torch_device.type)

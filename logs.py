@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from distributed import all_reduce
 from losses import COUNT_KEYS, PART_KEYS
+from trackers import Trackers
 
 # Dense peak FLOP/s per device name fragment, by compute dtype. Unknown devices report no MFU rather than a
 # wrong one. Titan RTX: 130 TFLOPS fp16 tensor cores with fp32 accumulate (no bf16 tensor cores).
@@ -58,23 +59,16 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Logger:
-    """Rank 0: a short fixed-shape line per log interval, every field in metrics.jsonl (docs/training.md), and
-    TensorBoard scalars when asked for and installed. The progress bar only draws on a terminal: redirected to
-    a file, the log lines are the progress and no carriage returns pile up."""
+    """Rank 0: a short fixed-shape line per log interval, every field in metrics.jsonl (docs/training.md), and the
+    same records to the trackers asked for (trackers.py: TensorBoard, W&B). The progress bar only draws on a
+    terminal: redirected to a file, the log lines are the progress and no carriage returns pile up."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, first_step: int):
+    def __init__(self, run_dir: Path, enabled: bool, trackers: Trackers, total_steps: int, first_step: int):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.trackers = trackers
         self.bar = tqdm(total=total_steps, initial=first_step, desc="train", dynamic_ncols=True,
                         disable=not (enabled and sys.stderr.isatty()))
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("train.tensorboard=true but tensorboard is not installed; logging to metrics.jsonl only")
-            else:
-                self.tb = SummaryWriter(str(run_dir / "tb"))
 
     def print(self, line: str) -> None:
         if self.enabled:
@@ -87,19 +81,12 @@ class Logger:
             self.print(line)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-            for head in ("speak", "dst"):
-                for key, value in (record.get(head) or {}).items():
-                    if isinstance(value, (int, float)):
-                        self.tb.add_scalar(f"{record['kind']}/{head}_{key}", value, record["step"])
+        self.trackers.log(record)
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
+        """Close the bar and finish the trackers with the run's exit status (75: stopped, will resume)."""
         self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.finish(exit_code)
 
 
 def _duration(seconds: float) -> str:

@@ -51,6 +51,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import losses
+import quant
 from backbones import (
     VISION_PREFIX, VLM_MODEL_TYPES, FrameEncoder, build_frame_encoder, import_gguf, is_vlm_directory, load_vlm,
     vlm_text_backbone,
@@ -118,9 +119,10 @@ def choose_precision(requested: str, device_type: str, capability: Optional[tupl
 
 def run_precision(cfg: Config, device: torch.device) -> Precision:
     """The precision a training run (or a tool that computes as training does) uses on `device`. Refuses frozen
-    weights stored in half precision without half-precision compute: an fp32 activation would meet a half weight."""
+    weights stored in half precision without half-precision compute: an fp32 activation would meet a half weight.
+    (NF4 weights are dequantised into whatever dtype the computation runs in, fp32 included.)"""
     precision = choose_precision(cfg.train.precision, device.type, device_capability(device))
-    if cfg.model.frozen_dtype != "fp32" and precision.dtype == torch.float32:
+    if cfg.model.frozen_dtype in ("fp16", "bf16") and precision.dtype == torch.float32:
         raise ConfigError(
             f"model.frozen_dtype={cfg.model.frozen_dtype} needs fp16/bf16 compute, but train.precision="
             f"{cfg.train.precision} gives fp32 here ({precision.reason}); set model.frozen_dtype=fp32 on this device"
@@ -602,12 +604,15 @@ class VideoAssistant(nn.Module):
 # Building
 
 
-def build_model(cfg, tokenizer) -> VideoAssistant:
+def build_model(cfg, tokenizer, device: Optional[torch.device] = None) -> VideoAssistant:
     """The model described by cfg.model, with trainable parts, frozen dtype and activation checkpointing set.
 
     init=pretrained loads weights from cfg.model.path; init=scratch builds random weights from its
     config.json. The caller seeds first (torch.manual_seed(cfg.train.seed)): the projector, heads and LoRA
-    A matrices, and with init=scratch the whole backbone, are drawn from the global RNG.
+    A matrices, and with init=scratch the whole backbone, are drawn from the global RNG. `device`: where the
+    run computes; with model.frozen_dtype=nf4 the base is quantised there (a GPU quantises far faster than a
+    CPU) and the rest of its frozen weights are stored in that device's compute dtype. The model itself stays
+    where it was built: the caller moves (or shards) it.
     """
     path = cfg.model.path
     check_attention_support(AutoConfig.from_pretrained(path, local_files_only=True).get_text_config(),
@@ -631,7 +636,7 @@ def build_model(cfg, tokenizer) -> VideoAssistant:
     else:
         raise ValueError(f"model.init must be 'pretrained' or 'scratch', got {cfg.model.init!r}")
     vision = build_frame_encoder(cfg, vlm) if cfg.data.frames == "raw" else None
-    return assemble(backbone, tokenizer, cfg, vision)
+    return assemble(backbone, tokenizer, cfg, vision, device)
 
 
 def build_model_from_config_dict(config_dict: dict, tokenizer, cfg) -> VideoAssistant:
@@ -645,15 +650,35 @@ def build_model_from_config_dict(config_dict: dict, tokenizer, cfg) -> VideoAssi
     return assemble(backbone, tokenizer, cfg)
 
 
-def assemble(backbone: nn.Module, tokenizer, cfg, vision: "FrameEncoder | None" = None) -> VideoAssistant:
+def assemble(backbone: nn.Module, tokenizer, cfg, vision: "FrameEncoder | None" = None,
+             device: Optional[torch.device] = None) -> VideoAssistant:
     """Wrap a loaded fp32 backbone: heads and projector, LoRA, trainable set, frozen dtype, checkpointing."""
     model = VideoAssistant(backbone, tokenizer, cfg.data.feature_dim, cfg.model.head_type, vision)
     if cfg.model.trainable == "lora":
         add_lora(model, cfg.model.lora_targets, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout)
     set_trainable(model, cfg.model.trainable)
-    cast_frozen(model, DTYPES[cfg.model.frozen_dtype])
+    cast_frozen(model, frozen_storage_dtype(cfg, device))
+    if cfg.model.frozen_dtype == "nf4":
+        # After cast_frozen: casting an NF4 weight would dequantise it. Only the decoder's frozen linears (the
+        # LoRA bases) become NF4; embeddings, norms, LM head and the vision tower keep frozen_storage_dtype.
+        quant.quantize_frozen_linears(model.decoder, device=device)
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model
+
+
+def frozen_storage_dtype(cfg, device: Optional[torch.device] = None) -> torch.dtype:
+    """The storage dtype of frozen weights that are not NF4: model.frozen_dtype, or for nf4 the compute dtype
+    of train.precision on `device` (fp32 on a CPU), as a 16-bit base stores them. Refuses nf4 where a
+    checkpoint would have to hold the quantised base (quant.check_nf4_settings)."""
+    if cfg.model.frozen_dtype != "nf4":
+        return DTYPES[cfg.model.frozen_dtype]
+    try:
+        quant.check_nf4_settings(cfg.model.trainable, cfg.model.init)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    quant.require_torchao()
+    device = device if device is not None else torch.device("cpu")
+    return choose_precision(cfg.train.precision, device.type, device_capability(device)).dtype
 
 
 def add_lora(model: VideoAssistant, targets: list[str], rank: int, alpha: float, dropout: float) -> int:
@@ -720,7 +745,9 @@ def cast_for_inference(model: VideoAssistant, dtype: torch.dtype) -> None:
     the position (in bf16, about a radian by position 1,000). Under autocast the matmuls then read the weights
     without casting them again at every frame."""
     for name, param in model.named_parameters():  # tied weights once; assigning .data keeps them tied
-        if param.is_floating_point() and not name.startswith(("speak_head.", "dst_head.")):
+        # NF4 weights stay NF4: they are dequantised into the compute dtype at every use, and casting them would
+        # change the dtype their scales are dequantised in (other weights than the ones trained against).
+        if param.is_floating_point() and not quant.is_nf4(param) and not name.startswith(("speak_head.", "dst_head.")):
             param.data = param.data.to(dtype)
     for head in (model.speak_head, model.dst_head):
         head.float()
@@ -814,7 +841,9 @@ def model_state_for_checkpoint(model: VideoAssistant, cfg) -> dict[str, torch.Te
     On CPU they alias the live weights: save them before the next optimizer step.
     """
     state = model.state_dict(keep_vars=True)
-    return {name: state[name].detach().to("cpu").contiguous() for name in checkpoint_names(model, cfg)}
+    tensors = {name: state[name].detach().to("cpu").contiguous() for name in checkpoint_names(model, cfg)}
+    quant.check_no_nf4(tensors)  # an NF4 base is rebuilt from model.path, never saved
+    return tensors
 
 
 def load_model_state(model: VideoAssistant, tensors: dict[str, torch.Tensor], cfg) -> None:
@@ -860,12 +889,13 @@ def describe(model: VideoAssistant) -> str:
     for part, params in parts.items():
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
-        dtypes = ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
+        dtypes = ",".join(sorted({"nf4" if quant.is_nf4(p) else str(p.dtype).removeprefix("torch.") for p in params}))
         lines.append(f"  {part:<16} trainable {trainable:>14,} / {total:>14,}  {dtypes}")
     trainable, total = count_parameters(model)
     lines.append(f"  {'total':<16} trainable {trainable:>14,} / {total:>14,}  ({100 * trainable / total:.2f}%)")
     state = "on (non-reentrant, per decoder layer)" if activation_checkpointing_active(model) else "off"
     lines.append(f"  activation checkpointing: {state}")
+    lines.append(f"  {quant.format_frozen_bytes(quant.frozen_bytes_by_dtype(model))}")
     return "model parameters:\n" + "\n".join(lines)
 
 

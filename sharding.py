@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from config import ConfigError
 from losses import ddp_loss_scale
+from quant import nf4_unshardable
 from model import VideoAssistant
 
 # FSDP2 warns when a sharded module returns a view; the assistant's outputs are views (squeezed logits), and
@@ -61,6 +62,14 @@ def check_shardable(model: VideoAssistant, cpu_offload: bool) -> None:
         raise ConfigError(
             "train.fsdp_cpu_offload=true moves shards between a GPU and the CPU, and this machine has no CUDA GPU "
             "(on the CPU the weights already live in CPU memory); set train.fsdp_cpu_offload=false"
+        )
+    uneven = nf4_unshardable(model, dist.get_world_size())
+    if uneven:
+        raise ConfigError(
+            f"model.frozen_dtype=nf4 under train.parallel=fsdp: FSDP splits each NF4 weight's rows, scales and "
+            f"second-level scales into {dist.get_world_size()} equal shards, and these do not split: "
+            f"{'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. Use another number of ranks, "
+            f"train.parallel=ddp, or model.frozen_dtype=bf16/fp16"
         )
     not_fp32 = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
     if not_fp32:

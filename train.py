@@ -39,29 +39,30 @@ from torch.utils.data import DataLoader
 
 import losses
 from checkpoint import (
-    CheckpointError, CheckpointMeta, TrainState, discard_unfinished_saves, find_resume, is_sharded_checkpoint,
-    list_checkpoints, load_model_tensors, load_optimizer_state, load_sharded, read_trainer_state, rng_state,
-    save_checkpoint, save_sharded_checkpoint, seed_rank,
+    BEST_LINK, CheckpointError, CheckpointMeta, TrainState, discard_unfinished_saves, find_resume, list_checkpoints,
+    load_training_state, mark_best, read_trainer_state, rng_state, save_checkpoint, save_sharded_checkpoint, seed_rank,
 )
 from clips import DataError
-from config import Config, ConfigError, OptimConfig, load_config, to_yaml
+from config import BEST_METRICS, Config, ConfigError, OptimConfig, load_config, to_dict, to_yaml
 from data import (
-    BatchPlan, ClipBatchSampler, ClipDataset, Collator, collate, model_inputs, search_micro_batch, to_device,
+    BatchPlan, ClipDataset, collate, make_loader, model_inputs, search_micro_batch, to_device,
 )
 from distributed import (
-    EXIT_DATA_ERROR, EXIT_INTERRUPTED, GracefulStop, all_reduce, end_distributed, exit_process, ignore_stop_signals,
-    min_over_ranks, resume_command, setup_distributed,
+    EXIT_DATA_ERROR, EXIT_INTERRUPTED, GracefulStop, all_reduce, end_distributed, exit_process, min_over_ranks,
+    resume_command, setup_distributed,
 )
 from logs import (
     Logger, Window, format_train_line, format_val_line, no_transformers_progress_bars, peak_flops, peak_memory_gb,
 )
 from model import (
     Precision, VideoAssistant, build_model, compile_decoder_layers, configure_attention, describe, flops_per_token,
-    load_model_state, model_state_for_checkpoint, param_groups, prefer_expandable_segments, run_precision,
+    model_state_for_checkpoint, param_groups, prefer_expandable_segments, run_precision,
 )
 from plots import write_training_curves
+from quant import ddp_ignore_nf4
 from sequence import load_tokenizer, rho_at
 from sharding import backward_scale, clip_grad_norm_, shard_model
+from trackers import TrackerOptions, Trackers, check_installed, scalars
 from validation import evaluate_loss
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,38 +215,11 @@ def check_resumable(saved: dict, ckpt: Path, cfg: Config, plan: BatchPlan) -> li
     return notes
 
 
-def make_loader(train_set: ClipDataset, plan: BatchPlan, cfg: Config, rank: int, device) -> tuple[DataLoader, ClipBatchSampler]:
-    sampler = ClipBatchSampler(train_set.lengths, plan, rank, cfg.train.seed, cfg.data.length_grouping)
-    # The NFS rate of a step follows from the step's position in the data stream, not from the loop's counter:
-    # loader prefetching must not change which rho a batch gets (exact resume).
-    sampler.rho_fn = lambda epoch, step: rho_at(cfg, epoch * sampler.steps_per_epoch + step)
-    loader = DataLoader(
-        train_set, batch_sampler=sampler, collate_fn=Collator(train_set.renderer.pad_id, cfg.data.pad_to_multiple),
-        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
-        # A private generator: worker seeding must not consume the global RNG, or a resumed run would
-        # draw different dropout masks from an uninterrupted one.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
-    return loader, sampler
-
-
 def restore(run: Run, ckpt: Path, saved: dict) -> list[str]:
     """Weights, optimizer, scaler and loop state from a checkpoint; the sampler then starts where it stopped."""
-    if run.cfg.train.parallel == "fsdp":
-        load_sharded(ckpt, run.raw_model, run.optimizer, run.cfg)  # on any number of ranks
-    elif is_sharded_checkpoint(ckpt):
-        raise CheckpointError(f"{ckpt} was saved under train.parallel=fsdp (dcp/): resume it with "
-                              f"train.parallel=fsdp, on any number of ranks")
-    else:
-        load_model_state(run.raw_model, load_model_tensors(ckpt), run.cfg)
-        load_optimizer_state(ckpt, run.optimizer, run.device)
+    run.state = load_training_state(ckpt, run.raw_model, run.optimizer, run.scaler, run.cfg)
     notes = check_resumable(saved, ckpt, run.cfg, run.plan)
-    known = {f.name for f in dataclasses.fields(TrainState)}
-    run.state = TrainState(**{k: v for k, v in saved.items() if k in known})
     run.state.max_steps = run.cfg.train.max_steps
-    if saved.get("scaler"):
-        run.scaler.load_state_dict(saved["scaler"])
     run.loader.batch_sampler.start(run.state.epoch, run.state.cursor)
     return notes
 
@@ -260,7 +234,7 @@ def setup(cfg: Config, rank: int, world_size: int, device: torch.device, resume_
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     with no_transformers_progress_bars():
-        model = build_model(cfg, tokenizer)
+        model = build_model(cfg, tokenizer, device)
     if cfg.train.compile:
         compile_decoder_layers(model)
     sharded = cfg.train.parallel == "fsdp" and world_size > 1
@@ -272,7 +246,7 @@ def setup(cfg: Config, rank: int, world_size: int, device: torch.device, resume_
     if cfg.train.auto_batch:
         plan, note = auto_batch_plan(model.train(), train_set, cfg, plan, device, precision.autocast(device.type))
         notes.append(note)
-    loader, sampler = make_loader(train_set, plan, cfg, rank, device)
+    loader, sampler = make_loader(train_set, plan, cfg, rank, pin_memory=device.type == "cuda")
     # -- optimizer: trainable weights and AdamW states are fp32 whatever the compute precision
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -288,6 +262,9 @@ def setup(cfg: Config, rank: int, world_size: int, device: torch.device, resume_
         # live in the all-reduce buckets instead of being copied into them.
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                           else {"broadcast_buffers": False})  # the argument's name since torch 2.13
+        # DDP's start-up broadcast would quantise the NF4 weights again (other scales); every rank quantised the
+        # same model.path, so they are equal already.
+        ddp_ignore_nf4(model)
         run.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         gradient_as_bucket_view=True, **no_buffer_sync)
     if run.master:
@@ -411,15 +388,20 @@ def train_loop(run: Run, logger: Logger, stop: GracefulStop) -> dict:
             logger.bar.set_postfix(loss=f"{last['loss']:.3f}")
             window = Window(run.device)
         validating = run.val_set is not None and (state.step % cfg.train.eval_every == 0 or done)
+        improved = False
         if validating:
-            val = validate(run, logger)
+            val, improved = validate(run, logger)
             last = {**last, "val": val}
             if "data_error" in val:
                 data_error, stopped, saving = val["data_error"], "data", True
-        if saving:
+            elif 0 < cfg.train.early_stop_patience <= state.stale_evals:
+                stopped, saving = "early", True
+        if saving or improved:  # the best step gets a checkpoint for runs/<name>/best to name
             checkpoint = save(run)
             logger.write({"kind": "checkpoint", "step": state.step, "path": str(checkpoint)}, f"saved {checkpoint}")
             if run.master:
+                if improved:
+                    mark_best(checkpoint)
                 write_training_curves(run.run_dir)  # with this checkpoint's mark
         if validating or saving:
             window.start = time.perf_counter()  # the next throughput window measures training only
@@ -427,17 +409,18 @@ def train_loop(run: Run, logger: Logger, stop: GracefulStop) -> dict:
             "interrupted": stop.name if stopped == "signal" else None, "stopped": stopped, "data_error": data_error}
 
 
-def validate(run: Run, logger: Logger) -> dict:
-    """Validation losses and head scores at this step, logged; the best loss so far kept in the state."""
+def validate(run: Run, logger: Logger) -> tuple[dict, bool]:
+    """Validation losses and head scores at this step, logged; (the record, whether train.best_metric improved:
+    the best value, its step and the validations since are kept in the state)."""
     val = evaluate_loss(run.raw_model, run.val_set, run.cfg, run.precision, run.rank, run.plan.world_size)
     if "data_error" in val:
-        return val
-    if run.state.best_val_loss is None or val["loss"] < run.state.best_val_loss:
-        run.state.best_val_loss = val["loss"]
-    logger.write({"kind": "val", "step": run.state.step, **val}, format_val_line(run.state.step, val))
+        return val, False
+    record, metric = {"kind": "val", "step": run.state.step, **val}, run.cfg.train.best_metric
+    improved = run.state.record_validation(scalars(record)[metric], BEST_METRICS[metric] == "min")
+    logger.write(record, format_val_line(run.state.step, val))
     if run.master:
         write_training_curves(run.run_dir)
-    return val
+    return val, improved
 
 
 def save(run: Run) -> Path:
@@ -486,16 +469,23 @@ def train(cfg: Config) -> dict:
         end_distributed(world_size)
         return {"step": saved_step, "checkpoint": str(resume_from), "interrupted": None, "stopped": None}
 
+    options = TrackerOptions(cfg.train.wandb_project, cfg.train.wandb_mode, cfg.train.wandb_run_name,
+                             cfg.train.tensorboard)
+    check_installed(options)  # before the run directory exists
     run = setup(cfg, rank, world_size, device, resume_from)
-    logger = Logger(run.run_dir, run.master, cfg.train.tensorboard, cfg.train.max_steps, run.state.step)
+    trackers = Trackers(run.run_dir, options, to_dict(cfg), enabled=run.master)
+    if run.master and trackers.describe():
+        print(trackers.describe())
+    logger = Logger(run.run_dir, run.master, trackers, cfg.train.max_steps, run.state.step)
     seed_rank(cfg.train.seed, run.rank, run.state.step, resume_from)
-    stop = GracefulStop()
+    stop, exit_code = GracefulStop(), 1
     stop.install()
     try:
         summary = train_loop(run, logger, stop)
+        exit_code = exit_status(summary)
     finally:
         stop.restore()
-        logger.close()
+        logger.close(exit_code)  # the trackers learn how the run ended, also when it failed
     if summary["data_error"] is not None:
         print(f"error: rank {rank}: {summary['data_error']}", file=sys.stderr)
     if run.master:
@@ -507,6 +497,12 @@ def train(cfg: Config) -> dict:
             print(f"stopped after step {run.state.step}: a frame could not be read (the error above names the file, "
                   f"clip and frame); saved {summary['checkpoint']}. Fix or replace that frame (`python data.py "
                   f"validate CONFIG` decodes every frame), then resume with the same command: {resume_command()}")
+        elif summary["stopped"] == "early":
+            print(f"early stop after step {run.state.step}: {cfg.train.best_metric} has not improved for "
+                  f"{run.state.stale_evals} validations (train.early_stop_patience={cfg.train.early_stop_patience})")
+        if run.state.best_step is not None:
+            print(f"best: step {run.state.best_step}, {cfg.train.best_metric} {run.state.best_value:.4f} "
+                  f"({run.run_dir / BEST_LINK})")
     end_distributed(world_size)
     return summary
 
@@ -519,13 +515,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, ModuleNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except dist.DistBackendError as err:
         rank = os.environ.get("RANK", "?")
         print(f"error: rank {rank}: a collective failed (did a peer or the launcher die?): {err}", file=sys.stderr)
         return 1
+    return exit_status(summary)
+
+
+def exit_status(summary: dict) -> int:
+    """0 done (an early stop included), 75 stopped by a signal (saved), 65 unreadable data (saved)."""
     return {"signal": EXIT_INTERRUPTED, "data": EXIT_DATA_ERROR}.get(summary.get("stopped"), 0)
 
 

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clips import unclamped_frame  # noqa: E402  (the repository root is on the path from here on)
+from config import Config  # noqa: E402
+from model import build_model_from_config_dict  # noqa: E402
+from sequence import load_tokenizer, new_token_ids  # noqa: E402
 
 SAMPLE_CLIP = ROOT / "tests" / "data" / "prospect_sample_clip.json"
 
@@ -191,6 +194,156 @@ def write_tiny_vlm(out: Path, tokenizer_dir: Path, preprocessor: dict | None = N
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny word-level Llama and hand-written clips in the sequence layout (model-level tests)
+
+FEATURE_DIM = 16
+HIDDEN, LAYERS = 64, 2
+SENTENCES = [
+    "you are a helpful assistant",
+    "attach the wheels to the chassis",
+    "now pick up the screwdriver and screw it",
+    "S1 -> complete , S2 -> start",
+]
+# One clip in the sequence layout (docs/sequence.md), as tokens: frames of 2 <image> tokens, a user turn, a DST and an ASST block.
+CLIP = (
+    "<s> you are a helpful assistant "
+    "<image> <image> "
+    "<image> <image> [USER] now pick up the screwdriver </s> "
+    "[DST] S1 -> complete , S2 -> start </s> [ASST] attach the wheels to the chassis </s> "
+    "<image> <image> "
+    "<image> <image> [ASST] screw it </s>"
+).split()
+SHORT_CLIP = "<s> a helpful assistant <image> <image> [ASST] attach the wheels </s> <image> <image>".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tokenizer directory (WordLevel, <s> </s> <unk>, no pad) with a tiny Llama config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out = tmp_path_factory.mktemp("tiny_llama")
+    fast.save_pretrained(str(out))
+    LlamaConfig(**llama_dict(len(fast))).save_pretrained(str(out))
+    return out
+
+
+PAD_ID = []  # the tokenizer's pad id, set by the fixture (make_batch pads with it)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    tok = load_tokenizer(model_dir)
+    PAD_ID[:] = [tok.pad_token_id]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def base_vocab(tokenizer) -> int:
+    """Number of the tokenizer's own ids (before the project's additions)."""
+    return min(new_token_ids(tokenizer))
+
+
+def llama_dict(vocab_size: int, tied: bool = False) -> dict:
+    return dict(
+        model_type="llama", vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=128,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tied,
+    )
+
+
+def make_cfg(**model_fields) -> Config:
+    cfg = Config()
+    cfg.data.feature_dim = FEATURE_DIM
+    cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout = 4, 8.0, 0.0
+    cfg.train.activation_checkpointing = False
+    for key, value in model_fields.items():
+        setattr(cfg.model, key, value)
+    return cfg
+
+
+def tiny_model(tokenizer, base_vocab, seed=0, vocab_size=None, tied=False, **model_fields):
+    torch.manual_seed(seed)
+    cfg = make_cfg(**model_fields)
+    return build_model_from_config_dict(llama_dict(vocab_size or base_vocab, tied), tokenizer, cfg).eval()
+
+
+def ids_of(tokenizer, words: list[str]) -> torch.Tensor:
+    ids = tokenizer.convert_tokens_to_ids(words)
+    assert tokenizer.unk_token_id not in ids, words
+    return torch.tensor(ids)
+
+
+def make_batch(tokenizer, clips=(CLIP, SHORT_CLIP), seed=0) -> dict[str, torch.Tensor]:
+    """Right-padded batch with frame features, text_mask on real non-image positions, head_mask on frames.
+    No attention mask: attention is causal, so no real token sees the padding after it."""
+    rows = [ids_of(tokenizer, clip) for clip in clips]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row)] = row
+    image_mask = input_ids == tokenizer.convert_tokens_to_ids("<image>")
+    real = input_ids != tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": input_ids,  # (B, T)
+        "frame_features": torch.randn(int(image_mask.sum()), FEATURE_DIM, generator=generator),  # (N, F)
+        "text_mask": real & ~image_mask,  # (B, T)
+        "head_mask": real & image_mask,  # (B, T): some positions; which ones is data.py's business
+    }
+
+
+def real_positions(batch: dict) -> torch.Tensor:
+    return batch["input_ids"] != PAD_ID[0]
+
+
+def all_positions(batch: dict) -> dict:
+    """The batch with text and head masks on every real position (per-position outputs)."""
+    real = real_positions(batch)
+    return {**batch, "text_mask": real, "head_mask": real}
+
+
+def training_step(model, batch, seed=0):
+    """Forward + backward in train mode; returns (MLP calls per layer, saved tensors, grads by name)."""
+    calls = [0] * LAYERS
+    # A pre-hook, counting entries: non-reentrant checkpointing stops a recompute as soon as the last tensor
+    # backward needs is recomputed (early stop), so a post-hook on the layer's last module may never fire.
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model.backbone.model.layers)]
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += 1
+        return tensor
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same LoRA dropout masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**batch)
+    calls_after_forward = list(calls)
+    (out["text_logits"].logsumexp(-1).mean() + out["speak_logits"].sum() + out["dst_logits"].sum()).backward()
+    for hook in hooks:
+        hook.remove()
+    assert calls_after_forward == [1] * LAYERS
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return calls, saved, grads
+
+
+def perturb_trainable(model, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
 
 
 @pytest.fixture(scope="session")

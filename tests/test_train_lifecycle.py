@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed
+import evaluate
 from conftest import PY, ROOT, run_train, start_train, tiny_overrides, train_records, wait_for_step
 from validation import validation_subset
 
@@ -164,6 +166,53 @@ def test_auto_batch_takes_the_micro_batch_every_rank_can_afford(demo_dir, tmp_pa
     ra, rb = train_records(reference), train_records(auto)
     for step in (1, 2, 3):
         assert rb[step]["loss"] == ra[step]["loss"] and rb[step]["n_asst"] == ra[step]["n_asst"], step
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "val"}
+
+
+def test_the_best_checkpoint_is_kept_and_patience_stops_the_run(demo_dir, tmp_path):
+    """Validation every 2 steps with a learning rate high enough that the validation loss soon stops improving:
+    with patience 2 the run stops before train.max_steps, right after the second validation in a row without a
+    better loss, exits 0 and says why; `best` names the step of the lowest validation loss in metrics.jsonl,
+    rotation (every step saved, keep 2) never deleted it, and evaluate.py takes it. A run resumed from a
+    checkpoint in the middle (the best-so-far and the patience count in its state) ends the same way."""
+    settings = {"train.max_steps": 40, "train.eval_every": 2, "train.save_every": 1, "train.keep_last": 2,
+                "train.early_stop_patience": 2, "optim.lr": 5e-2, "optim.warmup_steps": 1, "train.micro_batch": 2}
+    run_dir = tmp_path / "early"
+    result = run_train(tiny_overrides(demo_dir, run_dir, **settings))
+    losses = val_losses(run_dir)
+    steps = sorted(losses)
+    best_step = min(steps, key=lambda s: (losses[s], s))
+    # Where patience 2 runs out: the second validation in a row that is no better than the best before it.
+    best, stale, expected_stop = None, 0, None
+    for step in steps:
+        best, stale = (losses[step], 0) if best is None or losses[step] < best else (best, stale + 1)
+        if stale == 2:
+            expected_stop = step
+            break
+    assert expected_stop is not None and steps[-1] == expected_stop < settings["train.max_steps"], losses
+    assert f"early stop after step {expected_stop}: val/loss has not improved for 2 validations" in result.stdout
+    assert (run_dir / "best").is_symlink() and (run_dir / "best").resolve() == (run_dir / f"step_{best_step}").resolve()
+    assert sorted(p.name for p in run_dir.glob("step_*")) == sorted(
+        {f"step_{best_step}", f"step_{expected_stop - 1}", f"step_{expected_stop}"})
+    state = json.loads((run_dir / f"step_{expected_stop}" / "trainer_state.json").read_text())
+    assert (state["best_step"], state["best_value"], state["stale_evals"]) == (best_step, losses[best_step], 2)
+    assert evaluate.main(["--ckpt", str(run_dir / "best"), "--max-videos", "1", "--embedder", "bow",
+                          "eval.max_new_tokens=2", "eval.max_dst_tokens=2"]) == 0
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed_dir, symlinks=True)
+    shutil.rmtree(resumed_dir / f"step_{expected_stop}")
+    lines = (resumed_dir / "metrics.jsonl").read_text().splitlines()
+    (resumed_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines
+                                                       if json.loads(line)["step"] < expected_stop))
+    resumed = run_train(tiny_overrides(demo_dir, resumed_dir, **settings))
+    assert f"resumed from {resumed_dir / f'step_{expected_stop - 1}'}" in resumed.stdout
+    assert val_losses(resumed_dir) == losses and (resumed_dir / "best").resolve().name == f"step_{best_step}"
+    assert f"early stop after step {expected_stop}" in resumed.stdout
 
 
 def test_validation_subset_is_stratified_and_split_independent():
