@@ -26,8 +26,8 @@ import sharding
 import train
 from checkpoint import (
     CheckpointError, CheckpointMeta, discard_unfinished_saves, is_sharded_checkpoint, list_checkpoints,
-    load_for_inference, load_sharded, read_config, read_sharded_model_tensors, read_sharded_tensors, rng_state,
-    save_checkpoint, save_sharded_checkpoint,
+    load_for_inference, load_training_state, read_config, read_sharded_model_tensors, read_sharded_tensors,
+    rng_state, save_checkpoint, save_sharded_checkpoint,
 )
 from config import load_config
 from conftest import FRAME_SIZE, PY, ROOT, run_train, start_train, tiny_overrides, train_records, wait_for_step, write_tiny_vlm
@@ -330,7 +330,8 @@ def test_sigterm_under_fsdp_saves_a_checkpoint_that_resumes_exactly(demo_dir, sa
     """SIGTERM to torchrun (forwarded to both ranks) mid-run: the step in progress finishes, both ranks write their
     shards of one complete checkpoint, and the re-run continues bitwise like the run that never stopped."""
     run_dir = tmp_path / "stopped"
-    proc = start_train(tiny_overrides(demo_dir, run_dir, **SAVED, **{"train.save_every": 100}), nproc=2)
+    overrides = tiny_overrides(demo_dir, run_dir, **{**SAVED, "train.save_every": 100})
+    proc = start_train(overrides, nproc=2)
     wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
@@ -339,7 +340,7 @@ def test_sigterm_under_fsdp_saves_a_checkpoint_that_resumes_exactly(demo_dir, sa
     step = int(checkpoints[0].name.split("_")[1])
     assert 3 <= step < 12, "the run finished before the signal; the test proves nothing"
     assert json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"] == step
-    resumed = run_train(tiny_overrides(demo_dir, run_dir, **SAVED, **{"train.save_every": 100}), nproc=2)
+    resumed = run_train(overrides, nproc=2)
     assert f"resumed from {checkpoints[0]}" in resumed.stdout
     straight, stopped = train_records(saved), train_records(run_dir)
     assert [stopped[s]["loss"] for s in range(1, 13)] == [straight[s]["loss"] for s in range(1, 13)]
@@ -351,7 +352,7 @@ def test_resume_on_one_process_continues_with_the_same_clips(demo_dir, saved, tm
     """The 2-rank checkpoint of step 3 resumed by one process (no torchrun) with 2 accumulation steps for the same
     2 clips per step: the losses of steps 4..12 equal the 2-rank run's to 1e-5."""
     run_dir = resume_from(saved, 3, tmp_path / "one")
-    resumed = run_train(tiny_overrides(demo_dir, run_dir, **SAVED, **{"train.grad_accum": 2}))
+    resumed = run_train(tiny_overrides(demo_dir, run_dir, **{**SAVED, "train.grad_accum": 2}))
     assert "batch split 2x1x1 -> 1x1x2, the same 2 clips per step" in resumed.stdout
     straight, one = train_records(saved), train_records(run_dir)
     for step in range(4, 13):
@@ -365,11 +366,11 @@ def test_checkpoint_reshards_from_2_to_1_to_4_ranks(demo_dir, tmp_path):
     2-rank run's to 1e-5, and the 4-rank checkpoint has one shard file per rank."""
     common = {**SAVED, "train.max_steps": 9}
     straight = tmp_path / "straight"
-    run_train(tiny_overrides(demo_dir, straight, **common, **{"train.grad_accum": 2}), nproc=2)
+    run_train(tiny_overrides(demo_dir, straight, **{**common, "train.grad_accum": 2}), nproc=2)
     one = resume_from(straight, 3, tmp_path / "one")
-    run_train(tiny_overrides(demo_dir, one, **common, **{"train.grad_accum": 4}))
+    run_train(tiny_overrides(demo_dir, one, **{**common, "train.grad_accum": 4}))
     four = resume_from(one, 6, tmp_path / "four")
-    resumed = run_train(tiny_overrides(demo_dir, four, **common, **{"train.grad_accum": 1}), nproc=4)
+    resumed = run_train(tiny_overrides(demo_dir, four, **{**common, "train.grad_accum": 1}), nproc=4)
     assert "batch split 1x1x4 -> 4x1x1, the same 4 clips per step" in resumed.stdout
     assert sorted(p.name for p in (four / "step_9" / "dcp").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
     want, got = train_records(straight), {**train_records(one), **train_records(four)}
@@ -411,14 +412,14 @@ def test_metadata_naming_other_code_is_refused(saved, tmp_path):
         read_sharded_model_tensors(ckpt)
 
 
-def test_checkpoints_of_the_other_layout_are_refused_with_the_fix(demo_dir, saved, tiny_ckpt, tmp_path):
-    refused = run_train(tiny_overrides(demo_dir, resume_from(saved, 3, tmp_path / "ddp"), **{**SAVED, "train.parallel": "ddp"}),
-                        check=False)
-    assert refused.returncode == 1 and "resume it with train.parallel=fsdp" in refused.stderr
-    cfg = read_config(tiny_ckpt)
-    model = build_model(cfg, load_tokenizer(tiny_ckpt))
-    with pytest.raises(CheckpointError, match="train.parallel=ddp"):
-        load_sharded(tiny_ckpt, model, torch.optim.AdamW(param_groups(model, 0.0)), cfg)
+def test_checkpoints_of_the_other_layout_are_refused_with_the_fix(saved, tiny_ckpt):
+    for ckpt, parallel, fix in ((saved / "step_3", "ddp", "resume it with train.parallel=fsdp"),
+                                (tiny_ckpt, "fsdp", "resume it with train.parallel=ddp")):
+        cfg = read_config(ckpt, [f"train.parallel={parallel}"])
+        model = build_model(cfg, load_tokenizer(ckpt))
+        optimizer = torch.optim.AdamW(param_groups(model, 0.0))
+        with pytest.raises(CheckpointError, match=fix):
+            load_training_state(ckpt, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,7 +438,8 @@ def test_evaluation_of_a_sharded_checkpoint_equals_the_ddp_checkpoints(saved, tm
     for ckpt in (fsdp_ckpt, ddp_ckpt):
         out = tmp_path / f"eval_{ckpt.parent.name}"
         assert evaluate.main(["--ckpt", str(ckpt), "--max-videos", "1", "--embedder", "bow", "--out", str(out),
-                              "eval.max_new_tokens=2", "eval.max_dst_tokens=2"]) == 0
+                              "eval.max_new_tokens=2", "eval.max_dst_tokens=2", "eval.speak_threshold=0.7",
+                              "eval.dst_threshold=0.7"]) == 0
         result = json.loads((out / "metrics.json").read_text())
         result.pop("seconds"), result.pop("frames_per_second"), result.pop("checkpoint")
         outputs.append((result, (out / "predictions.jsonl").read_bytes()))
