@@ -14,9 +14,10 @@ from conftest import ROOT
 
 # Lowest floor first. A module may import only modules on lower floors.
 FLOORS = [
-    ["config", "metrics", "plots", "distributed", "quant", "trackers"],  # settings; pure scoring; SVG; processes
-    # and signals; NF4 weights; W&B and TensorBoard
-    ["clips"],  # the clip model: parsing, the event-frame rule, the dialogue state, DataError
+    ["config", "metrics", "plots", "distributed", "quant"],  # settings; pure scoring; SVG; processes and signals;
+    # NF4 weights
+    ["clips", "trackers"],  # the clip model: parsing, the event-frame rule, the dialogue state, DataError; W&B and
+    # TensorBoard
     ["sequence", "frames"],  # tokens and labels of a clip; frame files and raw-frame decoding
     ["losses", "backbones"],  # the four losses; VLM towers and real-weight imports
     ["logs", "model"],  # log lines, progress, MFU; the model and its precision policy
