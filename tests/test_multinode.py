@@ -1,18 +1,23 @@
-"""More processes than one: evaluation under torchrun writes exactly the files one process writes; an error on one
-rank ends every rank; the balanced split of videos over ranks."""
+"""More processes than one: a two-node launch (run_multinode.sh twice, c10d rendezvous on 127.0.0.1) trains as one
+node with two processes does; evaluation under torchrun writes exactly the files one process writes; an error on
+one rank ends every rank; the balanced split of videos over ranks."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 
+import pytest
 import torch
 
 import evaluate
-from conftest import PY, ROOT
+from conftest import PY, ROOT, run_train, tiny_overrides, train_records, wait_for_step
 from distributed import balanced_shares
+
+LOSS_FIELDS = ("loss", "asst_ce", "dst_ce", "speak_bce", "dst_bce", "grad_norm", "n_asst", "n_dst", "n_speak_pos")
 
 
 def free_port() -> int:
@@ -27,6 +32,33 @@ def test_balanced_shares_give_the_longest_first_to_the_least_loaded_rank():
     assert balanced_shares([5, 5, 5], 2) == [[0, 2], [1]]  # ties: the lower index first, to the lowest rank
     assert balanced_shares([3], 3) == [[0], [], []]
     assert balanced_shares([4, 1, 2], 1) == [[0, 1, 2]]
+
+
+def test_two_node_launch_equals_one_node(demo_dir, tmp_path):
+    """run_multinode.sh on two "nodes" (two launchers x 1 process, c10d rendezvous on 127.0.0.1, no node rank) gives
+    the per-step losses of one launcher with 2 processes; one of them writes the run's files."""
+    steps = {"train.max_steps": 3}
+    run_train(tiny_overrides(demo_dir, tmp_path / "one_node", **steps), nproc=2)
+
+    two_nodes = tmp_path / "two_nodes"
+    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+           "RDZV_ID": f"test-{os.getpid()}", "PYTHON": PY, "OMP_NUM_THREADS": "1"}
+    command = [str(ROOT / "run_multinode.sh"), str(ROOT / "configs" / "demo.yaml"),
+               *tiny_overrides(demo_dir, two_nodes, **steps)]
+    launchers = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    for launcher, (out, err) in zip(launchers, outputs):
+        assert launcher.returncode == 0, out[-2000:] + err[-3000:]
+    # Global rank 0 lives on one of the two launchers: it alone reports the start and writes config.yaml.
+    assert sorted(out.count("run: ") for out, _ in outputs) == [0, 1]
+    assert (two_nodes / "config.yaml").is_file()
+    assert {p.name for p in (two_nodes / "step_3").glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
+
+    one, two = train_records(tmp_path / "one_node"), train_records(two_nodes)
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert {f: two[step][f] for f in LOSS_FIELDS} == {f: one[step][f] for f in LOSS_FIELDS}, step
 
 
 EVAL_ARGS = ["--split", "train", "--max-videos", "3", "--embedder", "bow", "--sweep-speak", "0.3,0.6",
@@ -100,3 +132,61 @@ def test_an_error_on_one_rank_ends_every_rank(tiny_ckpt, tmp_path, capsys):
     errors = [[line for line in err.splitlines() if line.startswith("error: ")] for _, err in outputs]
     assert errors == [[f"error: rank 0: {message}"], []]
     assert not any("Traceback" in err for _, err in outputs)
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one machine: the command once per node of the allocation, signals forwarded to every copy, the highest
+# exit status returned (what srun does across nodes).
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node "$@" &
+    pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+status=0
+for pid in "${pids[@]}"; do
+    while true; do
+        wait "$pid" && code=0 || code=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    (( code > status )) && status=$code
+done
+exit "$status"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol on one machine: every node is 127.0.0.1; requeue requests are written down.
+case "$1 $2" in
+    "show hostnames") printf '127.0.0.1\\n127.0.0.1\\n' ;;
+    requeue*) echo "requeue $2" >> "$FAKE_SLURM_LOG" ;;
+    *) echo "fake scontrol: $*" >&2; exit 1 ;;
+esac
+"""
+
+
+@pytest.mark.slow
+def test_sbatch_saves_and_requeues_before_the_time_limit(demo_dir, tmp_path):
+    """slurm/train.sbatch on two fake nodes of one machine (srun and scontrol stand-ins): SIGUSR1, as --signal sends
+    it before the time limit, reaches every rank as SIGTERM through srun and the launchers; the ranks save the step
+    they are in, and the job asks to be requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir, log = tmp_path / "run", tmp_path / "slurm.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": PY, "OMP_NUM_THREADS": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_ID": str(os.getpid()), "RDZV_PORT": str(free_port()), "NPROC_PER_NODE": "1",
+           "FAKE_SLURM_LOG": str(log)}
+    job = subprocess.Popen(
+        ["bash", str(ROOT / "slurm" / "train.sbatch"), str(ROOT / "configs" / "demo.yaml"),
+         *tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 100000, "train.save_every": 100000})],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, 2, job)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=300)
+    checkpoints = list(run_dir.glob("step_*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "rng_rank1.json").is_file(), err[-3000:]
+    assert "interrupted by SIGTERM after step" in out and "time limit near" in err
+    assert log.read_text() == f"requeue {os.getpid()}\n"
