@@ -156,6 +156,34 @@ def find_resume(cfg: Config) -> Optional[Path]:
     )
 
 
+def agreed_resume(cfg: Config, world_size: int) -> Optional[Path]:
+    """find_resume on every rank, checked to be the same checkpoint everywhere. Each rank looks in run.dir on its
+    own: on nodes that do not share a file system they could resume from different steps (or one start fresh)
+    and train on without any error. A lookup that fails on one rank fails on all of them, with its message."""
+    found, error = None, None
+    try:
+        found = find_resume(cfg)
+    except ConfigError as err:
+        error = str(err)
+    if world_size == 1:
+        if error is not None:
+            raise ConfigError(error)
+        return found
+    answers: list = [None] * world_size
+    dist.all_gather_object(answers, (error, None if found is None else str(found.resolve())))
+    failed = [(rank, message) for rank, (message, _) in enumerate(answers) if message is not None]
+    if failed:
+        raise ConfigError(f"rank {failed[0][0]}: {failed[0][1]}")
+    paths = [path for _, path in answers]
+    if len(set(paths)) > 1:
+        seen = ", ".join(f"rank {rank}: {path or 'no checkpoint'}" for rank, path in enumerate(paths))
+        raise ConfigError(
+            f"the ranks found different checkpoints to resume from in run.dir={cfg.run.dir} ({seen}). Every node "
+            f"must see the same run directory: put run.dir on a file system all nodes share, or pass "
+            f"train.resume=PATH with a checkpoint every node can read")
+    return found
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """This process's RNG states as (tensors, JSON-able dict)."""
     tensors = {"torch": torch.get_rng_state()}

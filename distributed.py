@@ -5,7 +5,12 @@
     ...
     end_distributed(world_size)
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is one process. NCCL on GPUs, gloo on CPU.
+Work split over ranks (evaluation): each rank takes its share of `balanced_shares(sizes, world_size)`, a phase
+ends with `first_error` on every rank (an error anywhere ends it everywhere), and `gather_to_first` brings every
+rank's result to rank 0.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (global over all nodes; LOCAL_RANK picks the GPU of a node); without
+them the run is one process. NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,6 +134,45 @@ def setup_distributed(timeout_s: int, cpu_offload: bool = False) -> tuple[int, i
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     return rank, local_rank, world_size, device
+
+
+def balanced_shares(sizes: Sequence[int], world_size: int) -> list[list[int]]:
+    """The indices of `sizes` each rank takes: the largest item first, each to the rank with the smallest total
+    so far (ties: the lower index first, the lowest rank). Each share is in ascending index order; a rank may get
+    none when there are fewer items than ranks. The result depends only on `sizes` and `world_size`."""
+    totals = [0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(world_size), key=lambda r: (totals[r], r))
+        shares[rank].append(index)
+        totals[rank] += sizes[index]
+    return [sorted(share) for share in shares]
+
+
+def first_error(error: Optional[str], world_size: int) -> Optional[str]:
+    """End a phase on every rank together: each rank passes its error message (None where the phase went well)
+    and gets the same answer, None when no rank failed, else the lowest failing rank's message (prefixed with
+    its rank unless every rank failed alike). A rank that failed alone thus stops all of them here, instead of
+    leaving the others waiting in a later collective until the timeout."""
+    if world_size == 1:
+        return error
+    errors: list[Optional[str]] = [None] * world_size
+    dist.all_gather_object(errors, error)
+    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if not failed:
+        return None
+    rank, message = failed[0]
+    return message if len(failed) == world_size and len(set(errors)) == 1 else f"rank {rank}: {message}"
+
+
+def gather_to_first(value: Any, world_size: int) -> Optional[list]:
+    """Every rank's picklable `value`, in rank order, on rank 0; None on the other ranks. (Under NCCL the
+    objects travel through the current CUDA device, which setup_distributed sets.)"""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def end_distributed(world_size: int) -> None:

@@ -5,6 +5,7 @@
     python evaluate.py --ckpt runs/x/step_5000 --sweep-speak 0.2,0.3,0.4,0.5 --sweep-dst 0.3,0.5,0.7
     python evaluate.py --ckpt runs/x/step_5000 --teacher-forced       # ground-truth blocks as context
     python evaluate.py --config configs/demo.yaml --oracle            # ground truth as the model: perfect scores
+    torchrun --nproc_per_node=4 evaluate.py --ckpt runs/x/step_5000   # whole videos split over 4 GPUs
 
 Outputs go to <ckpt>/eval_<split>/ (or --out): predictions.jsonl (one line per frame per video),
 metrics.json (docs/evaluation.md#metricsjson) and report.html (summary, per-video timelines of both heads, the
@@ -12,19 +13,24 @@ replies matched, missed and redundant, the DST updates and the state grid, metri
 
 The stream itself (stream.py) feeds each frame and the blocks the heads ask for, with the same pieces
 sequence.Renderer renders training sequences from; this script chooses the videos, runs the stream for each
-threshold pair, scores the records and writes the outputs.
+threshold pair, scores the records and writes the outputs. Under torchrun each rank streams a share of the
+whole videos (longest first, balanced by frame count) and rank 0 gathers the records, puts them back in the split's
+order and writes exactly the files one process writes (docs/evaluation.md#on-several-gpus-and-nodes).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 import metrics
 import nlg
@@ -32,6 +38,9 @@ from checkpoint import CheckpointError, load_for_inference, read_config, require
 from clips import DataError, FrameEvents
 from config import Config, ConfigError, load_config
 from data import raw_frame_reader, usable_clips
+from distributed import (
+    balanced_shares, end_distributed, exit_process, first_error, gather_to_first, setup_distributed,
+)
 from frames import FrameStore, RawFrameReader
 from logs import Progress
 from model import (
@@ -140,13 +149,16 @@ class PairResult:
                 "bleu4": blocks["nlg"]["bleu4"], "context_resets": blocks["context_resets"]}
 
 
-def run_split(runner: Optional[StreamingRunner], split: Split, thresholds: Thresholds) -> list[list[FrameRecord]]:
-    """Stream every video (the ground truth instead with no runner: --oracle); features are read one video at a
-    time (memory-mapped), never the whole split. With data.frames=raw the model's frozen vision tower makes them
-    from the video's frames."""
+def run_split(runner: Optional[StreamingRunner], split: Split, share: list[int], thresholds: Thresholds,
+              show_progress: bool = True) -> list[list[FrameRecord]]:
+    """Stream the videos `share` indexes (the ground truth instead with no runner: --oracle); features are read
+    one video at a time (memory-mapped), never the whole split. With data.frames=raw the model's frozen vision
+    tower makes them from the video's frames."""
     all_records = []
-    progress = Progress(len(split.videos), f"stream speak>{thresholds.speak} dst>{thresholds.dst}", "video")
-    for video in split.videos:
+    ranks_note = f" (this rank's {len(share)} of {len(split.videos)})" if len(share) < len(split.videos) else ""
+    progress = Progress(len(share), f"stream speak>{thresholds.speak} dst>{thresholds.dst}{ranks_note}", "video",
+                        enabled=show_progress)
+    for video in (split.videos[i] for i in share):
         if runner is None:
             all_records.append(oracle_records(video))
         else:
@@ -159,23 +171,77 @@ def run_split(runner: Optional[StreamingRunner], split: Split, thresholds: Thres
     return all_records
 
 
-def stream_pair(runner: Optional[StreamingRunner], split: Split, thresholds: Thresholds, embed, cfg: Config,
-                header: dict) -> PairResult:
-    """Stream the split at `thresholds` and score it; `header` holds metrics.json's fields that do not depend on
-    the pair (split, checkpoint, embedder, mode)."""
+# Errors a user can act on (a bad path, a bad setting, bad data): one `error: ...` line and exit status 1.
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+class EvaluationError(Exception):
+    """A user error that ended a phase on every rank (see `together`); the message is the failing rank's."""
+
+
+@contextmanager
+def together(world_size: int):
+    """A phase that all ranks end together: a user error on any rank ends it on every rank with that error's
+    message (an EvaluationError), so that no rank waits in a later collective for one that gave up. One process:
+    the error itself, as an EvaluationError with its message."""
+    error = None
+    try:
+        yield
+    except USER_ERRORS as err:
+        error = str(err)
+    agreed = first_error(error, world_size)
+    if agreed is not None:
+        end_distributed(world_size)  # every rank is here: leave the process group cleanly before exiting
+        raise EvaluationError(agreed)
+
+
+@dataclass
+class Evaluation:
+    """An evaluation set up on this rank: the stream (None for --oracle), the split, the threshold pairs, what
+    scores and names the results (rank 0), and the videos this rank streams."""
+    cfg: Config
+    split: Split
+    runner: Optional[StreamingRunner]
+    embed: object  # only rank 0 scores: None on the other ranks
+    header: dict  # metrics.json's fields that do not depend on the pair (split, checkpoint, embedder, mode)
+    out_dir: Path
+    pairs: list[Thresholds]
+    share: list[int]  # indices into split.videos
+    rank: int = 0
+    world_size: int = 1
+
+
+def in_split_order(gathered: list[tuple[list[int], list, int]], num_videos: int) -> list[list[FrameRecord]]:
+    """Every rank's (share, records, context resets), as gathered, back in the split's video order."""
+    records: list = [None] * num_videos
+    for share, share_records, _ in gathered:
+        for index, video_records in zip(share, share_records):
+            records[index] = video_records
+    return records
+
+
+def stream_pair(ev: Evaluation, thresholds: Thresholds) -> Optional[PairResult]:
+    """Stream the split at `thresholds` (each rank its share) and score it on rank 0; None on the other ranks.
+    The seconds are rank 0's wall clock from the start of the stream until every rank's records are in."""
     start = time.perf_counter()
-    if runner is not None:
-        runner.context_resets = 0  # the runner is reused across pairs; each pair reports its own count
-    records = run_split(runner, split, thresholds)
+    if ev.runner is not None:
+        ev.runner.context_resets = 0  # the runner is reused across pairs; each pair reports its own count
+    with together(ev.world_size):
+        mine = run_split(ev.runner, ev.split, ev.share, thresholds, show_progress=ev.rank == 0)
+    resets = ev.runner.context_resets if ev.runner is not None else 0
+    gathered = gather_to_first((ev.share, mine, resets), ev.world_size)
+    if gathered is None:
+        return None
+    records = in_split_order(gathered, len(ev.split.videos))
     seconds = time.perf_counter() - start
-    blocks, speak_matches = compute_metrics(split.videos, records, embed, thresholds, cfg.eval.zero_cost_quirk)
-    num_frames = sum(v.num_frames for v in split.videos)
+    blocks, speak_matches = compute_metrics(ev.split.videos, records, ev.embed, thresholds, ev.cfg.eval.zero_cost_quirk)
+    num_frames = sum(v.num_frames for v in ev.split.videos)
     result = {
-        **header, "num_videos": len(split.videos), "num_frames": num_frames,
+        **ev.header, "num_videos": len(ev.split.videos), "num_frames": num_frames,
         "thresholds": {"speak": thresholds.speak, "dst": thresholds.dst}, **blocks,
         "seconds": seconds, "frames_per_second": num_frames / seconds if seconds > 0 else None,
-        "zero_cost_quirk": cfg.eval.zero_cost_quirk, "context_strategy": cfg.eval.context_strategy,
-        "context_resets": runner.context_resets if runner is not None else 0,
+        "zero_cost_quirk": ev.cfg.eval.zero_cost_quirk, "context_strategy": ev.cfg.eval.context_strategy,
+        "context_resets": sum(rank_resets for _, _, rank_resets in gathered),
     }
     return PairResult(result, thresholds, records, speak_matches)
 
@@ -189,26 +255,28 @@ def parse_list(text: Optional[str]) -> Optional[list[float]]:
         raise ConfigError(f"threshold list '{text}' must be comma-separated numbers, e.g. 0.2,0.3,0.5") from None
 
 
-def load_split_videos(cfg: Config, split_name: str, oracle: bool, max_videos: Optional[int]) -> Split:
+def load_split_videos(cfg: Config, split_name: str, oracle: bool, max_videos: Optional[int],
+                      announce: bool = True) -> Split:
     """The split's whole videos. Every clip parsed and every frame row checked before hours of streaming, under
     data.on_invalid_clip; a video with a skipped clip is left out whole. Token budgets do not apply: the stream
-    renders whole videos and manages its own context."""
+    renders whole videos and manages its own context. `announce`: print what was skipped and why (one rank)."""
     store = FrameStore.from_config(cfg)
     raw_frames = raw_frame_reader(cfg, store) if cfg.data.frames == "raw" and not oracle else None
     clips, report = usable_clips(cfg, split_name, None, store)
-    for line in report.lines():
+    for line in report.lines() if announce else []:
         print(line, file=sys.stderr)
     # A skipped clip without a usable video_uid belongs to no video: nothing else to leave out for it.
     skipped_videos = sorted({p.video_uid for problems in report.skipped.values() for p in problems
                              if p.video_uid is not None}, key=str)
     if skipped_videos:
         clips = [c for c in clips if c.video_uid not in set(skipped_videos)]
+    if skipped_videos and announce:
         print(f"skipping {len(skipped_videos)} video(s) with a skipped clip: {', '.join(map(str, skipped_videos[:10]))}"
               + (" ..." if len(skipped_videos) > 10 else ""), file=sys.stderr)
     videos = assemble_videos(clips)
     for dataset in sorted({v.dataset for v in videos}):
         window, known = metrics.window_for_dataset(dataset)
-        if not known:
+        if not known and announce:
             print(f"warning: unknown dataset '{dataset}': speaking/DST matching uses the default window {window}",
                   file=sys.stderr)
     videos = videos[:max_videos] if max_videos else videos
@@ -270,21 +338,30 @@ def print_summary(result: dict, out_dir: Path, sweep_rows: Optional[list[dict]],
         print(markdown_summary(result))
 
 
-def evaluate(args) -> int:
-    prefer_expandable_segments()
-    device = torch.device(args.device)
+def load_embedder(choice: str):
+    """The sentence embedder, or a user error naming the fix (the package to install, the directory to pass)."""
+    try:
+        return nlg.load_embedder(choice)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def set_up(args, rank: int, world_size: int, device: torch.device) -> Evaluation:
+    """Config, model and runner, the split's videos and this rank's share of them; on rank 0 also the embedder
+    (only rank 0 scores) and the start-up lines."""
     attention = configure_attention(device)
     cfg, model, tokenizer, source = load_run(args, device)
-    split = load_split_videos(cfg, args.split or cfg.eval.split, args.oracle, args.max_videos)
+    split = load_split_videos(cfg, args.split or cfg.eval.split, args.oracle, args.max_videos, announce=rank == 0)
     out_dir = Path(args.out) if args.out else (Path(args.ckpt) if args.ckpt else Path(cfg.run.dir)) / f"eval_{split.name}"
     embedder_choice = args.embedder or cfg.eval.embedder or "minilm"
-    embed = nlg.load_embedder(embedder_choice)
+    embed = load_embedder(embedder_choice) if rank == 0 else None
     runner = None
     if model is not None:
         precision = inference_precision(args.precision, cfg.train.precision, device.type, device_capability(device))
         if precision.dtype == torch.float32:
             cast_for_inference(model, precision.dtype)  # frozen weights stored in fp16/bf16 are exact in fp32
-        print(f"precision: {precision.name} ({precision.reason}); {attention}", file=sys.stderr)
+        if rank == 0:
+            print(f"precision: {precision.name} ({precision.reason}); {attention}", file=sys.stderr)
         renderer = Renderer(tokenizer, cfg.data.num_tokens_per_frame)
         runner = StreamingRunner(model, renderer, cfg, device, teacher_forced=args.teacher_forced, dtype=precision.dtype)
 
@@ -293,15 +370,35 @@ def evaluate(args) -> int:
     speak = args.speak_threshold if args.speak_threshold is not None else cfg.eval.speak_threshold
     dst = args.dst_threshold if args.dst_threshold is not None else cfg.eval.dst_threshold
     pairs = [Thresholds(s, d) for s in parse_list(args.sweep_speak) or [speak] for d in parse_list(args.sweep_dst) or [dst]]
-    results = [stream_pair(runner, split, thresholds, embed, cfg, header) for thresholds in pairs]
+    share = balanced_shares([video.num_frames for video in split.videos], world_size)[rank]
+    return Evaluation(cfg, split, runner, embed, header, out_dir, pairs, share, rank, world_size)
+
+
+def finish(ev: Evaluation, results: list[PairResult], markdown: bool) -> None:
+    """Rank 0: the best pair, the output files and the console summary."""
     # The best pair by speaking F1, then DST F1; the first of equals.
     best = max(results, key=lambda r: (r.result["speak"]["f1"], r.result["dst"]["f1"]))
     sweep_rows = [r.row() for r in results] if len(results) > 1 else None
     if sweep_rows:
         best.result["sweep"] = sweep_rows
         best.result["best"] = {"speak": best.thresholds.speak, "dst": best.thresholds.dst, "by": "speak f1, then dst f1"}
-    write_outputs(out_dir, best, split, sweep_rows)
-    print_summary(best.result, out_dir, sweep_rows, args.markdown)
+    write_outputs(ev.out_dir, best, ev.split, sweep_rows)
+    print_summary(best.result, ev.out_dir, sweep_rows, markdown)
+
+
+def evaluate(args) -> int:
+    """One process, or one rank of a torchrun launch: every rank sets up the same way and streams its share of the
+    videos; rank 0 gathers, scores and writes. A user error on any rank ends every rank (EvaluationError)."""
+    prefer_expandable_segments()
+    rank, _, world_size, rank_device = setup_distributed(args.dist_timeout_s)
+    device = torch.device(args.device) if args.device else rank_device
+    with together(world_size):
+        ev = set_up(args, rank, world_size, device)
+    results = [stream_pair(ev, thresholds) for thresholds in ev.pairs]
+    with together(world_size):
+        if rank == 0:
+            finish(ev, results, args.markdown)
+    end_distributed(world_size)
     return 0
 
 
@@ -321,17 +418,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--teacher-forced", action="store_true", help="ground-truth DST/assistant blocks as context")
     parser.add_argument("--markdown", action="store_true", help="also print the headline figures as a Markdown table")
     parser.add_argument("--embedder", help="minilm (default), bow, or a sentence-encoder directory (eval.embedder)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda if available (under torchrun: the rank's GPU), else cpu")
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
                         help="compute precision (default: the checkpoint's train.precision, resolved for this device "
                              "as training resolves it; auto: bf16 on compute capability >= 8.0, fp16 below, fp32 on CPU)")
+    parser.add_argument("--dist-timeout-s", type=int, default=3600,
+                        help="under torchrun: how long a rank waits in a collective, e.g. a rank that finished its "
+                             "videos for the slowest one (default 3600; raise it when one video streams for longer)")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
+    rank = os.environ.get("RANK", "0")
     try:
         return evaluate(args)
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except EvaluationError as err:
+        if rank == "0":  # every rank has the same message: print it once
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    except dist.DistBackendError as err:
+        print(f"error: rank {rank}: a collective failed (did a peer or the launcher die?): {err}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_process(code)  # gloo workers end without interpreter finalization (see distributed.exit_process)
+    sys.exit(code)

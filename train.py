@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 import losses
 from checkpoint import (
-    BEST_LINK, CheckpointError, CheckpointMeta, TrainState, discard_unfinished_saves, find_resume, list_checkpoints,
+    BEST_LINK, CheckpointError, CheckpointMeta, TrainState, agreed_resume, discard_unfinished_saves, list_checkpoints,
     load_training_state, mark_best, read_trainer_state, rng_state, save_checkpoint, save_sharded_checkpoint, seed_rank,
 )
 from clips import DataError
@@ -456,7 +456,7 @@ def train(cfg: Config) -> dict:
     `interrupted`: the signal's name when a signal stopped it; `stopped`: "signal", "data" or None)."""
     prefer_expandable_segments()
     rank, _, world_size, device = setup_distributed(cfg.train.dist_timeout_s, cfg.train.fsdp_cpu_offload)
-    resume_from = find_resume(cfg)
+    resume_from = agreed_resume(cfg, world_size)  # the same checkpoint on every rank (and node)
     if cfg.train.resume == "never" and list_checkpoints(cfg.run.dir):
         raise ConfigError(
             f"train.resume=never but {cfg.run.dir} already holds checkpoints; a fresh run there would rotate them "
