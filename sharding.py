@@ -1,5 +1,6 @@
-"""FSDP2 for `train.parallel: fsdp`: sharding the model, and the gradient rules that keep the loss's global
-normalisation exact under it (docs/training.md#sharded-training-fsdp).
+"""How the model is spread over ranks: DDP replicas (`train.parallel: ddp`, replicate) or FSDP2 shards
+(`train.parallel: fsdp`, shard_model), and the gradient rules that keep the loss's global normalisation exact
+under either (docs/training.md#sharded-training-fsdp).
 
     model = build_model(cfg, tokenizer)                 # on the CPU; activation checkpointing already set
     compile_decoder_layers(model)                       # train.compile, before sharding
@@ -12,6 +13,7 @@ on any number of ranks.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Sequence
 
@@ -21,16 +23,34 @@ import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from config import ConfigError
 from losses import ddp_loss_scale
-from quant import nf4_unshardable
+from quant import ddp_ignore_nf4, nf4_unshardable
 from model import VideoAssistant
 
 # FSDP2 warns when a sharded module returns a view; the assistant's outputs are views (squeezed logits), and
 # nothing modifies them in place (the losses only read them), so the pre-backward hook is never dropped.
 VIEW_OUTPUT_WARNING = "FSDP2-wrapped module .* returned a view tensor"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replicas (DDP)
+
+
+def replicate(model: nn.Module, device: torch.device) -> DDP:
+    """Wrap `model` (already on `device`, equal on every rank) in DDP for `train.parallel: ddp`."""
+    # No buffer broadcast (the buffers are derived from the tokenizer, identical on every rank); gradients
+    # live in the all-reduce buckets instead of being copied into them.
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})  # the argument's name since torch 2.13
+    # DDP's start-up broadcast would quantise the NF4 weights again (other scales); every rank quantised the
+    # same model.path, so they are equal already.
+    ddp_ignore_nf4(model)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_buffer_sync)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import sys
@@ -59,9 +58,8 @@ from model import (
     model_state_for_checkpoint, param_groups, prefer_expandable_segments, run_precision,
 )
 from plots import write_training_curves
-from quant import ddp_ignore_nf4
 from sequence import load_tokenizer, rho_at
-from sharding import backward_scale, clip_grad_norm_, shard_model
+from sharding import backward_scale, clip_grad_norm_, replicate, shard_model
 from trackers import TrackerOptions, Trackers, check_installed, scalars
 from validation import evaluate_loss
 
@@ -258,15 +256,7 @@ def setup(cfg: Config, rank: int, world_size: int, device: torch.device, resume_
     if resume_from is not None:
         notes += restore(run, resume_from, read_trainer_state(resume_from))
     if world_size > 1 and not sharded:
-        # No buffer broadcast (the buffers are derived from the tokenizer, identical on every rank); gradients
-        # live in the all-reduce buckets instead of being copied into them.
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                          else {"broadcast_buffers": False})  # the argument's name since torch 2.13
-        # DDP's start-up broadcast would quantise the NF4 weights again (other scales); every rank quantised the
-        # same model.path, so they are equal already.
-        ddp_ignore_nf4(model)
-        run.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        gradient_as_bucket_view=True, **no_buffer_sync)
+        run.model = replicate(model, device)
     if run.master:
         report = train_set.report
         report_start(run, [

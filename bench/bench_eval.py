@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import time
 
-from common import build, device_facts, emit, parse_args, run
+from common import SHAPES, build, device_facts, emit, parse_args, run
 
 import numpy as np
 import torch
@@ -80,8 +80,8 @@ def main() -> None:
     parser.add_argument("config", nargs="?", help="run config (configs/bench.yaml: real shapes)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--ckpt", help="a trained checkpoint instead of random weights")
-    parser.add_argument("--shape", default="llama1b", choices=("demo", "llama1b"),
-                        help="random weights of this shape (without --ckpt): llama1b, or the config's model.path")
+    parser.add_argument("--shape", default="llama1b", choices=tuple(SHAPES),
+                        help="random weights of this shape (without --ckpt): llama1b, llama3b, or the config's model.path")
     parser.add_argument("--split", default="test", help="split whose first video is streamed")
     parser.add_argument("--frames", type=int, default=2000, help="frames of the video to stream (at most)")
     parser.add_argument("--generation-frames", type=int, default=200, help="frames streamed with the heads on")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -17,13 +18,19 @@ import torch  # noqa: E402
 from checkpoint import CheckpointError  # noqa: E402
 from clips import DataError  # noqa: E402
 from config import ConfigError  # noqa: E402
+from distributed import exit_process  # noqa: E402
 from model import build_model, build_model_from_config_dict  # noqa: E402
 
-# Random-init backbones of real shapes (no weights needed): the demo's tiny Llama, and Llama-3.2-1B's shape.
+# Random-init backbones of real shapes (no weights needed): the demo's tiny Llama, Llama-3.2-1B's and -3B's shapes.
 SHAPES = {
     "demo": None,  # the config.json in model.path
     "llama1b": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    ),
+    "llama3b": dict(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     ),
@@ -38,11 +45,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None
 def run(main: Callable[[], None]) -> None:
     """Run a benchmark's main; a config, data or checkpoint the scripts it measures would refuse ends here the
     same way, in one line naming the setting and the fix (exit status 1), not in a traceback."""
+    code = 0
     try:
         main()
     except (ConfigError, DataError, CheckpointError, ModuleNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_process(code)  # a torchrun worker (bench_train.py --parallel): see distributed.exit_process
+    sys.exit(code)
 
 
 def build(cfg, tokenizer, shape: str):
