@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -455,7 +456,7 @@ def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
     for rec, pred_state, ref_state in zip(records, pred_states, ref_states):
         ev = video.events.get(rec.frame, FrameEvents())
         lines.append({
-            "video_uid": video.video_uid, "frame": rec.frame, "time": rec.frame / video.fps,
+            "video_uid": video.video_uid, "frame": rec.frame, "time": rec.frame / video.fps, "fps": video.fps,
             "p_speak": rec.p_speak, "p_dst": rec.p_dst, "speak": rec.speak, "dst": rec.dst,
             "asst_text": rec.asst_text, "dst_text": rec.dst_text,
             "transitions": [list(t) for t in rec.transitions], "num_invalid": rec.num_invalid,
@@ -464,6 +465,38 @@ def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
             "ref_transitions": [list(t) for t in ev.transitions], "ref_state": ref_state,
         })
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLM-judge scores of these predictions: judge.py writes judge.json next to them; this module only reads it
+
+JUDGE_FILE = "judge.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def judge_of_predictions(out_dir: Path) -> Optional[dict]:
+    """out_dir/judge.json when it scores out_dir/predictions.jsonl as the file is now, else None. Scores of
+    other predictions (their sha256 differs) are stale: they are left out, and stderr says so."""
+    path = out_dir / JUDGE_FILE
+    if not path.exists():
+        return None
+    try:
+        judge = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}): delete it, or run `python judge.py {out_dir}` again")
+    if judge.get("predictions_sha256") != file_sha256(out_dir / "predictions.jsonl"):
+        print(f"note: {path} scores other predictions than {out_dir / 'predictions.jsonl'} (sha256 differs): its "
+              f"LLM-judge scores are left out of report.html and --markdown; run `python judge.py {out_dir}` "
+              f"to score these predictions", file=sys.stderr)
+        return None
+    return judge
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -652,8 +685,9 @@ def evaluate(args) -> int:
         with open(out_dir / "sweep.csv", "w") as f:  # one row per (speak, dst) threshold pair
             f.write(",".join(sweep_rows[0]) + "\n")
             f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in sweep_rows)
+    judge = judge_of_predictions(out_dir)
     write_report(out_dir / "report.html", result, videos, all_records, speak_matches, th,
-                 sweep_rows if len(sweep_rows) > 1 else None)
+                 sweep_rows if len(sweep_rows) > 1 else None, judge=judge)
     s, d, n = result["speak"], result["dst"], result["nlg"]
     if len(sweep_rows) > 1:
         for r in sweep_rows:
@@ -667,7 +701,7 @@ def evaluate(args) -> int:
     )
     print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html" + (", sweep.csv" if len(sweep_rows) > 1 else ""))
     if args.markdown:
-        print(markdown_summary(result))
+        print(markdown_summary(result, judge))
     return 0
 
 
