@@ -128,7 +128,8 @@ def check_template(template: str, source: str) -> None:
         raise JudgeError(f"{source}: {err}; write literal braces as {{{{ and }}}}") from None
     if fields != PLACEHOLDERS:
         raise JudgeError(f"{source}: the prompt template must hold exactly the placeholders {{reference_dialog}} and "
-                         f"{{generated_dialog}} (found {sorted(fields) or 'none'}); write literal braces as {{{{ and }}}}")
+                         f"{{generated_dialog}} (found {sorted(fields) or 'none'}); write literal braces as "
+                         f"{{{{ and }}}}")
 
 
 def load_prompts(system_file: Optional[str], user_file: Optional[str], with_dst: bool) -> Prompts:
@@ -420,15 +421,16 @@ class LocalJudge:
 
 
 class HttpJudge:
-    """POST {url}/chat/completions. Timeouts, dropped connections and 5xx answers are retried `retries` times
-    (waits of retry_wait_s, doubling); anything else is an error at once. A server that returns fewer than n
-    choices is asked again for the rest, with the seed moved on so the new draws differ."""
+    """POST {url}/chat/completions, asking for at most `per_request` samples at a time (None: all of a video's).
+    Timeouts, dropped connections and 5xx answers are retried `retries` times (waits of retry_wait_s, doubling);
+    anything else is an error at once. A server that returns fewer choices than asked for is asked again for
+    the rest, with the seed moved on so the new draws differ."""
 
     def __init__(self, url: str, model_name: str, timeout_s: float, retries: int, concurrency: int,
-                 retry_wait_s: float = 2.0):
+                 per_request: Optional[int] = None, retry_wait_s: float = 2.0):
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model_name, self.timeout_s, self.retries, self.retry_wait_s = model_name, timeout_s, retries, retry_wait_s
-        self.concurrency = concurrency
+        self.concurrency, self.per_request = concurrency, per_request
         self.identity = {"backend": "openai-chat", "url": url, "model": model_name}
 
     def answers(self, jobs: list[tuple[str, list[dict]]], sampling: Sampling) -> Iterator[tuple[str, list, float]]:
@@ -450,7 +452,7 @@ class HttpJudge:
     def samples(self, messages: list[dict], sampling: Sampling, seed: int) -> list[Optional[str]]:
         texts: list[Optional[str]] = []
         while len(texts) < sampling.samples:  # every round adds at least one answer or raises
-            wanted = sampling.samples - len(texts)
+            wanted = min(sampling.samples - len(texts), self.per_request or sampling.samples)
             payload = {"model": self.model_name, "messages": messages, "temperature": sampling.temperature,
                        "top_p": sampling.top_p, "n": wanted, "max_tokens": sampling.max_new_tokens,
                        "seed": seed + len(texts)}
@@ -470,11 +472,10 @@ class HttpJudge:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     body = response.read()
             except urllib.error.HTTPError as err:
+                problem = f"HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
                 if err.code < 500:
-                    detail = err.read()[:300].decode(errors="replace")
-                    raise JudgeError(f"{self.endpoint} answered HTTP {err.code}: {detail} (check --model-name and "
-                                     f"the server's options)") from None
-                problem = f"HTTP {err.code}"
+                    raise JudgeError(f"{self.endpoint} answered {problem} (check --model-name and the server's "
+                                     f"options{self.n_hint(payload)})") from None
             except urllib.error.URLError as err:
                 if not isinstance(err.reason, TimeoutError):
                     raise JudgeError(f"cannot reach the judge server at {self.endpoint}: {err.reason}. Start it first "
@@ -485,7 +486,14 @@ class HttpJudge:
             else:
                 return self.decode(body)
         raise JudgeError(f"{self.endpoint}: {problem} on all {self.retries + 1} tries (--timeout {self.timeout_s:g} s, "
-                         f"--retries {self.retries}); raise --timeout, or check the server's load and logs")
+                         f"--retries {self.retries}); raise --timeout, or check the server's load and "
+                         f"logs{self.n_hint(payload)}")
+
+    @staticmethod
+    def n_hint(payload: dict) -> str:
+        if payload["n"] == 1:
+            return ""
+        return "; a server that refuses n > 1 (llama.cpp's llama-server) needs --samples-per-request 1"
 
     def decode(self, body: bytes) -> dict:
         try:
@@ -563,13 +571,15 @@ def check_backend_args(args) -> None:
         raise JudgeError("give either --model DIR (a local model) or --url URL with --model-name NAME (a server)")
     if args.url and not args.model_name:
         raise JudgeError("--url needs --model-name (the name the server serves the model under)")
-    if min(args.batch_size, args.concurrency, args.retries + 1) < 1 or args.timeout <= 0:
-        raise JudgeError("--batch-size and --concurrency must be at least 1, --retries at least 0, --timeout > 0")
+    if min(args.batch_size, args.concurrency, args.retries + 1, args.samples_per_request or 1) < 1 or args.timeout <= 0:
+        raise JudgeError("--batch-size, --concurrency and --samples-per-request must be at least 1, --retries at "
+                         "least 0, --timeout > 0")
 
 
 def make_backend(args):
     if args.url:
-        return HttpJudge(args.url, args.model_name, args.timeout, args.retries, args.concurrency)
+        return HttpJudge(args.url, args.model_name, args.timeout, args.retries, args.concurrency,
+                         args.samples_per_request)
     return LocalJudge(args.model, torch.device(args.device), args.precision, args.batch_size)
 
 
@@ -670,14 +680,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="server: seconds per request (default 600)")
     p.add_argument("--retries", type=int, default=3, help="server: retries after a timeout or a 5xx (default 3)")
     p.add_argument("--concurrency", type=int, default=8, help="server: requests in flight (default 8)")
+    p.add_argument("--samples-per-request", type=int,
+                   help="server: ask for at most this many samples per request (default: all; 1 for llama.cpp)")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.print_prompt:  # a starting point for --system-prompt and --prompt files
-        print(f"{default_system_prompt(args.with_dst)}\n----- user template -----\n{default_user_template(args.with_dst)}",
-              end="")
+        print(default_system_prompt(args.with_dst), "----- user template -----", default_user_template(args.with_dst),
+              sep="\n", end="")
         return 0
     try:
         return run(args)

@@ -63,8 +63,8 @@ def tiny_judge(tiny_judge_dir):
 
 def oracle_args(demo_dir: Path, out: Path) -> list[str]:
     """An oracle evaluation of two demo videos (no model: fast); its replies are the reference's."""
-    return ["--config", str(ROOT / "configs" / "demo.yaml"), f"data.root={demo_dir}", f"model.path={demo_dir / 'model'}",
-            "--oracle", "--embedder", "bow", "--split", "val", "--max-videos", "2", "--out", str(out)]
+    return ["--config", str(ROOT / "configs" / "demo.yaml"), f"data.root={demo_dir}",
+            f"model.path={demo_dir / 'model'}", "--oracle", "--embedder", "bow", "--split", "val", "--max-videos", "2", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,8 @@ def sample_predictions(tmp_path_factory) -> Path:
 
 def sample_texts() -> tuple[str, list[str]]:
     turns = json.loads(SAMPLE_CLIP.read_text())["conversation"]
-    return next(t["content"] for t in turns if t["role"] == "user"), [t["content"] for t in turns if t["role"] == "assistant"]
+    user = next(t["content"] for t in turns if t["role"] == "user")
+    return user, [t["content"] for t in turns if t["role"] == "assistant"]
 
 
 def test_reference_dialogue_of_the_sample_clip(sample_predictions):
@@ -174,7 +175,8 @@ PARSE_TABLE = [
     ("---\n{correctness: 4, promptness: 3}", (None,) * 4, "not JSON"),
     ('---\n{\n"correctness": 4, "promptness": 3, "efficiency": 5, "overall": 4\n}', (None,) * 4, "no {...}"),
     ('---\n{"correctness": 2, "promptness": 1}', (2, 1, None, None), "efficiency missing"),
-    ('---\n{"correctness": 6, "promptness": 0, "efficiency": 3.5, "overall": "4"}', (None, None, 3.5, None), "not in 1..5"),
+    ('---\n{"correctness": 6, "promptness": 0, "efficiency": 3.5, "overall": "4"}', (None, None, 3.5, None),
+     "not in 1..5"),
     ('---\n{"correctness": true, "promptness": 5, "efficiency": 1, "overall": 2}', (None, 5, 1, 2), "correctness=True"),
     ("", (None,) * 4, "empty answer"),
     (None, (None,) * 4, "empty answer"),
@@ -441,9 +443,12 @@ class ChatHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server = self.server
         server.requests.append(body)
+        if server.refuse_n and body["n"] > 1:  # as llama.cpp's server answers
+            self.send_json(500, {"error": {"code": 500, "message": "Only one completion choice is allowed"}})
+            return
         if server.failures:
             server.failures -= 1
-            self.send_error(503, "busy")
+            self.send_json(503, {"error": {"code": 503, "message": "busy"}})
             return
         time.sleep(server.delay_s)
         n = min(body["n"], server.max_choices)
@@ -451,9 +456,12 @@ class ChatHandler(BaseHTTPRequestHandler):
         with server.lock:
             texts = judge.generate_replies(server.model, server.tokenizer, [body["messages"]], sampling,
                                            [torch.Generator().manual_seed(body["seed"])])[0]
-        reply = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                                         "finish_reason": "stop"} for i, t in enumerate(texts)]}).encode()
-        self.send_response(200)
+        self.send_json(200, {"choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                                          "finish_reason": "stop"} for i, t in enumerate(texts)]})
+
+    def send_json(self, code: int, answer: dict) -> None:
+        reply = json.dumps(answer).encode()
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
@@ -470,11 +478,12 @@ class ChatServer(ThreadingHTTPServer):
 
 @contextlib.contextmanager
 def chat_server(model, tokenizer, max_choices: int = 99, failures: int = 0, delay_s: float = 0.0,
-                lifetime_s: float = 120.0):
+                refuse_n: bool = False, lifetime_s: float = 120.0):
     """A server on 127.0.0.1 (a free port) in a thread; it shuts down on exit, or by itself after lifetime_s."""
     server = ChatServer(("127.0.0.1", 0), ChatHandler)
     server.model, server.tokenizer, server.lock = model, tokenizer, threading.Lock()
     server.max_choices, server.failures, server.delay_s, server.requests = max_choices, failures, delay_s, []
+    server.refuse_n = refuse_n
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     deadline = threading.Timer(lifetime_s, server.shutdown)
@@ -514,6 +523,18 @@ def test_server_ignoring_n_and_a_busy_server(tiny_judge):
     assert len(texts) == 3
     # One 503, retried; then one request per missing sample, each with the seed moved on.
     assert [(r["n"], r["seed"]) for r in server.requests] == [(3, 100), (3, 100), (2, 101), (1, 102)]
+
+
+def test_a_server_refusing_n_needs_one_sample_per_request(tiny_judge):
+    sampling = judge.Sampling(3, 0.5, 0.95, 7, 4)
+    messages = [{"role": "user", "content": "Judge this."}]
+    with chat_server(*tiny_judge, refuse_n=True) as (server, url):
+        client = judge.HttpJudge(url, "tiny", timeout_s=30, retries=1, concurrency=1, retry_wait_s=0.0)
+        with pytest.raises(judge.JudgeError, match="Only one completion choice.*--samples-per-request 1"):
+            client.samples(messages, sampling, seed=0)
+        one_by_one = judge.HttpJudge(url, "tiny", timeout_s=30, retries=1, concurrency=1, per_request=1)
+        assert len(one_by_one.samples(messages, sampling, seed=0)) == 3
+    assert [(r["n"], r["seed"]) for r in server.requests[2:]] == [(1, 0), (1, 1), (1, 2)]
 
 
 def test_timeouts_are_retried_a_bounded_number_of_times(tiny_judge):
