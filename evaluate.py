@@ -20,6 +20,7 @@ order and writes exactly the files one process writes (docs/evaluation.md#on-sev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -107,7 +108,7 @@ def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
     for rec, pred_state, ref_state in zip(records, pred_states, ref_states):
         ev = video.events.get(rec.frame, FrameEvents())
         lines.append({
-            "video_uid": video.video_uid, "frame": rec.frame, "time": rec.frame / video.fps,
+            "video_uid": video.video_uid, "frame": rec.frame, "time": rec.frame / video.fps, "fps": video.fps,
             "p_speak": rec.p_speak, "p_dst": rec.p_dst, "speak": rec.speak, "dst": rec.dst,
             "asst_text": rec.asst_text, "dst_text": rec.dst_text,
             "transitions": [list(t) for t in rec.transitions], "num_invalid": rec.num_invalid,
@@ -116,6 +117,38 @@ def prediction_lines(video: Video, records: list[FrameRecord]) -> list[dict]:
             "ref_transitions": [list(t) for t in ev.transitions], "ref_state": ref_state,
         })
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLM-judge scores of these predictions: judge.py writes judge.json next to them; this module only reads it
+
+JUDGE_FILE = "judge.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def judge_of_predictions(out_dir: Path) -> Optional[dict]:
+    """out_dir/judge.json when it scores out_dir/predictions.jsonl as the file is now, else None. Scores of
+    other predictions (their sha256 differs) are stale: they are left out, and stderr says so."""
+    path = out_dir / JUDGE_FILE
+    if not path.exists():
+        return None
+    try:
+        judge = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}): delete it, or run `python judge.py {out_dir}` again")
+    if judge.get("predictions_sha256") != file_sha256(out_dir / "predictions.jsonl"):
+        print(f"note: {path} scores other predictions than {out_dir / 'predictions.jsonl'} (sha256 differs): its "
+              f"LLM-judge scores are left out of report.html and --markdown; run `python judge.py {out_dir}` "
+              f"to score these predictions", file=sys.stderr)
+        return None
+    return judge
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,8 +337,9 @@ def load_run(args, device: torch.device) -> tuple[Config, Optional[torch.nn.Modu
     return cfg, model, tokenizer, str(ckpt)
 
 
-def write_outputs(out_dir: Path, best: PairResult, split: Split, sweep_rows: Optional[list[dict]]) -> None:
-    """predictions.jsonl and metrics.json of the best pair, sweep.csv when there were several pairs, report.html."""
+def write_outputs(out_dir: Path, best: PairResult, split: Split, sweep_rows: Optional[list[dict]]) -> Optional[dict]:
+    """predictions.jsonl and metrics.json of the best pair, sweep.csv when there were several pairs, report.html
+    (with an LLM judge's scores when out_dir holds them for exactly these predictions). Returns those scores."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.jsonl", "w") as f:
         for video, records in zip(split.videos, best.records):
@@ -316,11 +350,14 @@ def write_outputs(out_dir: Path, best: PairResult, split: Split, sweep_rows: Opt
         with open(out_dir / "sweep.csv", "w") as f:  # one row per (speak, dst) threshold pair
             f.write(",".join(sweep_rows[0]) + "\n")
             f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in sweep_rows)
+    judge = judge_of_predictions(out_dir)
     write_report(out_dir / "report.html", best.result, split.videos, best.records, best.speak_matches,
-                 best.thresholds, sweep_rows)
+                 best.thresholds, sweep_rows, judge=judge)
+    return judge
 
 
-def print_summary(result: dict, out_dir: Path, sweep_rows: Optional[list[dict]], markdown: bool) -> None:
+def print_summary(result: dict, out_dir: Path, sweep_rows: Optional[list[dict]], markdown: bool,
+                  judge: Optional[dict] = None) -> None:
     s, d, n = result["speak"], result["dst"], result["nlg"]
     for r in sweep_rows or []:
         print(f"sweep speak>{r['speak_threshold']} dst>{r['dst_threshold']}: speak F1 {r['speak_f1']:.3f} "
@@ -335,7 +372,7 @@ def print_summary(result: dict, out_dir: Path, sweep_rows: Optional[list[dict]],
     )
     print(f"wrote {out_dir}/predictions.jsonl, metrics.json, report.html" + (", sweep.csv" if sweep_rows else ""))
     if markdown:
-        print(markdown_summary(result))
+        print(markdown_summary(result, judge))
 
 
 def load_embedder(choice: str):
@@ -382,8 +419,8 @@ def finish(ev: Evaluation, results: list[PairResult], markdown: bool) -> None:
     if sweep_rows:
         best.result["sweep"] = sweep_rows
         best.result["best"] = {"speak": best.thresholds.speak, "dst": best.thresholds.dst, "by": "speak f1, then dst f1"}
-    write_outputs(ev.out_dir, best, ev.split, sweep_rows)
-    print_summary(best.result, ev.out_dir, sweep_rows, markdown)
+    judge = write_outputs(ev.out_dir, best, ev.split, sweep_rows)
+    print_summary(best.result, ev.out_dir, sweep_rows, markdown, judge)
 
 
 def evaluate(args) -> int:

@@ -561,6 +561,78 @@ def _sweep(sweep_rows: list[dict], thresholds: Thresholds) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# LLM-judge scores (judge.json, written by judge.py). The page keeps a marked place for them, so judge.py can
+# put them into a report written before it ran.
+
+JUDGE_BEGIN, JUDGE_END = "<!-- judge-section -->", "<!-- /judge-section -->"
+JUDGE_ASPECTS = {
+    "correctness": "Is each instruction or piece of feedback correct and relevant, given the context and the "
+                   "reference dialogue?",
+    "promptness": "Does the assistant speak at the right time, not too early or too late?",
+    "efficiency": "Is the information given concisely, without repetition or redundant information?",
+    "overall": "The overall helpfulness and quality of the assistant's turns.",
+    "state_tracking": "Do the generated state updates name the right steps at the right times, without missed "
+                      "or spurious updates (judge.py --with-dst)?",
+}
+
+
+def _judge_facts(judge: dict) -> str:
+    who = " · ".join(f"{esc(str(k))} <code>{esc(str(v))}</code>" for k, v in judge["judge"].items())
+    s = judge["sampling"]
+    prompt = judge["prompt"]
+    return (f'<p class="meta">judge: {who}</p><p class="meta">{s["samples"]} samples per video at temperature '
+            f'{s["temperature"]:g}, top-p {s["top_p"]:g}, seed {esc(str(s["seed"]))}, at most {s["max_new_tokens"]} '
+            f'new tokens · system prompt {esc(prompt["system"])}, user prompt {esc(prompt["user"])} · '
+            f'{"with" if judge["with_dst"] else "without"} state lines · seconds per video '
+            f'{_fmt(judge.get("seconds_per_video"))}</p>')
+
+
+def _judge_cards(judge: dict) -> str:
+    n = judge["num_videos"]
+    rows = "".join(
+        f'<tr><th title="{esc(JUDGE_ASPECTS.get(a, ""))}">{esc(a.replace("_", " "))}</th>'
+        f'<td class="num">{_fmt(judge["scores"][a])}</td><td class="num">{judge["videos_scored"][a]} / {n}</td></tr>'
+        for a in judge["aspects"])
+    samples = judge["samples"]
+    counts = [("samples", samples["total"]), ("valid", samples["valid"]), ("invalid", samples["invalid"])]
+    counts += [(f"valid for {a.replace('_', ' ')}", samples["valid_per_aspect"][a]) for a in judge["aspects"]]
+    count_rows = "".join(f'<tr><th>{esc(name)}</th><td class="num{" bad" if name == "invalid" and value else ""}">'
+                         f'{value}</td></tr>' for name, value in counts)
+    return (f'<div class="cards"><div class="card"><h3>Scores (1–5)</h3><table class="metrics"><tr><th>aspect</th>'
+            f'<th>mean</th><th>videos</th></tr>{rows}</table></div><div class="card"><h3>Judge answers</h3>'
+            f'<table class="metrics">{count_rows}</table></div></div>')
+
+
+def _judge_videos(judge: dict) -> str:
+    aspects = judge["aspects"]
+    rows = [[_text(uid)] + [_num(_fmt(v["scores"][a])) for a in aspects] + [_num(f'{v["valid"]} / {v["samples"]}')]
+            for uid, v in judge["per_video"].items()]
+    header = ["video"] + [a.replace("_", " ") for a in aspects] + ["valid samples"]
+    return (f'<details><summary>Per video ({len(rows)})</summary>'
+            + _table("judge-videos", header, rows, "No videos judged.") + "</details>")
+
+
+def judge_section(judge: dict) -> str:
+    """The LLM-judge scores of a judge.json as a report section: the judge and its settings, the mean score per
+    aspect with the number of videos that have one, the sample counts, and the scores per video."""
+    return (
+        '<section id="judge"><h2>LLM judge</h2>' + _judge_facts(judge) + _judge_cards(judge)
+        + '<p class="formula">Each video\'s whole generated dialogue is scored against its reference dialogue, 1 '
+          '(very poor) to 5 (excellent) per aspect; a video\'s score is the mean over its valid samples, the '
+          'split\'s the mean over the videos that have one. Scores compare only under the same judge, prompt and '
+          'sampling settings. Prompts and raw answers: <code>judge_outputs.jsonl</code>.</p>'
+        + _judge_videos(judge) + "</section>")
+
+
+def with_judge_section(page: str, judge: dict) -> Optional[str]:
+    """`page` with its judge section replaced by `judge`'s; None when the page has no place marked for it."""
+    begin, end = page.find(JUDGE_BEGIN), page.find(JUDGE_END)
+    if begin < 0 or end < begin:
+        return None
+    return page[:begin + len(JUDGE_BEGIN)] + judge_section(judge) + page[end:]
+
+
+# ----------------------------------------------------------------------------------------------------
 # The page
 
 CSS = """
@@ -590,7 +662,9 @@ table.defs tr:target td,table.defs tr:target th{background:#fff3b0}
 
 
 def write_report(path: Path, result: dict, videos: list[Video], all_records: list[list[FrameRecord]],
-                 speak_matches: list, thresholds: Thresholds, sweep_rows: Optional[list[dict]] = None) -> None:
+                 speak_matches: list, thresholds: Thresholds, sweep_rows: Optional[list[dict]] = None,
+                 judge: Optional[dict] = None) -> None:
+    """`judge`: a judge.json of these predictions (evaluate.judge_of_predictions), shown after the summary."""
     sections, overview = [], []
     for index, (video, records, vm) in enumerate(zip(videos, all_records, speak_matches)):
         fps, base = video.fps, video.start
@@ -656,6 +730,7 @@ def write_report(path: Path, result: dict, videos: list[Video], all_records: lis
 <p class="meta">{" · ".join(f for f in run_facts if f)}</p>
 <h2>Summary</h2><p class="meta">Click a metric name for its definition (<a href="#definitions">all definitions</a>).</p>
 {_summary(result)}{_sweep(sweep_rows, thresholds) if sweep_rows else ""}
+{JUDGE_BEGIN}{judge_section(judge) if judge else ""}{JUDGE_END}
 <h2>Videos</h2>{overview_table}
 <p class="meta">Each timeline below shares one time axis in seconds; hover a marker for its time and text.</p>
 {_legend()}{"".join(sections)}
@@ -667,16 +742,20 @@ MARKDOWN_COLUMNS = ("split", "videos", "frames", "speak P / R / F1", "DST P / R 
                     "CIDEr", "METEOR", "ROUGE-L", "decision F1 speak / dst")
 
 
-def markdown_summary(result: dict) -> str:
-    """The headline figures of a metrics.json as a two-line Markdown table (`evaluate.py --markdown`)."""
+def markdown_summary(result: dict, judge: Optional[dict] = None) -> str:
+    """The headline figures of a metrics.json as a two-line Markdown table (`evaluate.py --markdown`), with one
+    more column for the LLM-judge scores of a judge.json of the same predictions."""
     s, d, n, dec = result["speak"], result["dst"], result["nlg"], result["decisions"]
 
     def f(x) -> str:
         return "-" if x is None else f"{x:.3f}"
 
-    row = (result["split"], str(result["num_videos"]), str(result["num_frames"]),
+    columns = list(MARKDOWN_COLUMNS)
+    row = [result["split"], str(result["num_videos"]), str(result["num_frames"]),
            f"{f(s['precision'])} / {f(s['recall'])} / {f(s['f1'])}",
            f"{f(d['precision'])} / {f(d['recall'])} / {f(d['f1'])}", f(d["state_accuracy"]), f(n["bleu4"]),
-           f(n["cider"]), f(n["meteor"]), f(n["rougeL"]), f"{f(dec['speak']['f1'])} / {f(dec['dst']['f1'])}")
-    return ("| " + " | ".join(MARKDOWN_COLUMNS) + " |\n|" + "---|" * len(MARKDOWN_COLUMNS) + "\n| "
-            + " | ".join(row) + " |")
+           f(n["cider"]), f(n["meteor"]), f(n["rougeL"]), f"{f(dec['speak']['f1'])} / {f(dec['dst']['f1'])}"]
+    if judge is not None:
+        columns.append("judge " + " / ".join(a.replace("_", " ") for a in judge["aspects"]))
+        row.append(" / ".join(f(judge["scores"][a]) for a in judge["aspects"]))
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n| " + " | ".join(row) + " |"

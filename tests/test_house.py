@@ -26,6 +26,7 @@ FLOORS = [
     ["data", "report"],  # clip policies, dataset, sampler, collate, data CLI; the evaluation report
     ["checkpoint", "validation"],  # checkpoints; validation during training
     ["train", "evaluate", "export"],  # the two scripts; exporting a checkpoint
+    ["judge"],  # the LLM judge of an evaluation's predictions (runs evaluate.py first when asked)
 ]
 FLOOR = {module: level for level, modules in enumerate(FLOORS) for module in modules}
 LIMITS = {"train_lines": 550, "function_lines": 100, "parameters": 8}
