@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import http.client
 import json
-import re
 import string
 import sys
 import time
@@ -206,9 +205,10 @@ def dialogue(frames: list[dict], side: str, with_dst: bool) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Parsing and averaging
 
-# ProAssist's rule: the text between the first and the second `---` (all of it without one), then the first
-# `{...}` within one line (no `}` inside, as `.` does not cross line breaks), parsed as JSON.
-SCORES_JSON = re.compile(r"\{.*?\}")
+# The text after the first `---` (all of it without one), then the JSON object that starts at its first `{`
+# (over several lines if the judge spreads it). ProAssist reads only between the first and a second `---` and
+# only a `{...}` on one line: every answer valid there is valid here too.
+JSON_OBJECT = json.JSONDecoder()
 
 
 @dataclass
@@ -221,14 +221,16 @@ def parse_answer(text: Optional[str], aspects: tuple[str, ...]) -> ParsedAnswer:
     """A judge answer's scores. An aspect is valid when its value is a number in 1..5 (not a boolean)."""
     if not text:
         return ParsedAnswer(dict.fromkeys(aspects), "empty answer")
-    part = text.split("---")[1] if "---" in text else text
-    found = SCORES_JSON.search(part)
-    if found is None:
-        return ParsedAnswer(dict.fromkeys(aspects), "no {...} on one line" + (" after ---" if "---" in text else ""))
+    part = text.split("---", 1)[1] if "---" in text else text
+    start = part.find("{")
+    if start < 0:
+        return ParsedAnswer(dict.fromkeys(aspects), "no {...}" + (" after ---" if "---" in text else ""))
     try:
-        values = json.loads(found.group(0))
+        values, _ = JSON_OBJECT.raw_decode(part, start)
     except json.JSONDecodeError as err:
-        return ParsedAnswer(dict.fromkeys(aspects), f"not JSON: {found.group(0)[:80]} ({err.msg})")
+        end = part.find("}", start)
+        shown = part[start:end + 1 if end >= 0 else start + 80][:80]
+        return ParsedAnswer(dict.fromkeys(aspects), f"not JSON: {shown} ({err.msg})")
     scores, problems = {}, []
     for aspect in aspects:
         value = values.get(aspect)

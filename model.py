@@ -639,15 +639,17 @@ def build_model(cfg, tokenizer, device: Optional[torch.device] = None) -> VideoA
     return assemble(backbone, tokenizer, cfg, vision, device)
 
 
-def build_model_from_config_dict(config_dict: dict, tokenizer, cfg) -> VideoAssistant:
-    """Random-weight model from a config dict with a `model_type` key (tests, benchmarks); seed first."""
+def build_model_from_config_dict(config_dict: dict, tokenizer, cfg,
+                                 device: Optional[torch.device] = None) -> VideoAssistant:
+    """Random-weight model from a config dict with a `model_type` key (tests, benchmarks); seed first. `device`
+    as for build_model."""
     config_dict = dict(config_dict)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     check_attention_support(config.get_text_config(), cfg.model.attn_implementation)
     backbone = AutoModelForCausalLM.from_config(
         config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
     )
-    return assemble(backbone, tokenizer, cfg)
+    return assemble(backbone, tokenizer, cfg, device=device)
 
 
 def assemble(backbone: nn.Module, tokenizer, cfg, vision: "FrameEncoder | None" = None,

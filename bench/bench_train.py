@@ -7,10 +7,12 @@ pattern, on the same model shape and the same batches, in one process. Prints on
     python bench/bench_train.py configs/bench.yaml --setting full --micro-batch 2 --precision fp16
     python bench/bench_train.py configs/demo.yaml --shape demo --steps 3 --no-baseline   # CPU smoke run
     torchrun --nproc_per_node=2 bench/bench_train.py configs/bench.yaml --setting full --parallel ddp,fsdp,fsdp-offload
+    python bench/bench_train.py configs/bench.yaml --setting lora --precision fp16 --frozen-dtype fp16,nf4
 
 With --parallel (under torchrun) the sides are this repository's step under each listed wrapper instead of the
 Hugging Face baseline: DDP replicas, FSDP2 shards, FSDP2 with CPU offload, each on every rank's own batches. A
-side that runs out of GPU memory is recorded as such (what does not fit), and the next side runs.
+side that runs out of GPU memory is recorded as such (what does not fit), and the next side runs. With
+--frozen-dtype a,b the sides are this repository's LoRA step over a base stored in each dtype (NF4: QLoRA).
 
 This repository's step is `train.forward_backward` + clipping + AdamW, exactly as the loop runs it. The
 baseline is what a Trainer + peft script does with the same model: peft LoRA (or full fine-tuning), the
@@ -44,9 +46,11 @@ from data import ClipDataset, collate, to_device
 from distributed import end_distributed, setup_distributed
 from logs import peak_flops, peak_memory_gb
 from model import compile_decoder_layers, configure_attention, flops_per_token, param_groups, run_precision
+from quant import frozen_bytes_by_dtype
 from sequence import IGNORE, load_tokenizer
 
 PARALLEL = ("ddp", "fsdp", "fsdp-offload")  # the wrappers --parallel compares
+FROZEN_DTYPES = ("fp32", "fp16", "bf16", "nf4")  # the frozen-base storages --frozen-dtype compares
 SETTINGS = {
     "lora": {"model.trainable": "lora", "train.activation_checkpointing": True},
     "full": {"model.trainable": "full", "train.activation_checkpointing": False},
@@ -164,7 +168,8 @@ def measure(step_fn, batches, device, warmup: int, world_size: int = 1) -> dict:
 
 
 def run_side(side: str, args, cfg, tokenizer, batches, device, precision, world_size: int = 1) -> dict:
-    """One side: "ours" or "hf" in one process, or this repository's step under a --parallel wrapper."""
+    """One side: "ours" or "hf" in one process, this repository's step under a --parallel wrapper, or with one
+    --frozen-dtype ("frozen-nf4")."""
     torch.manual_seed(cfg.train.seed)
     if device.type == "cuda":
         # Ours: the kernels configure_attention picked. The baseline: torch's defaults (cuDNN attention on),
@@ -173,8 +178,10 @@ def run_side(side: str, args, cfg, tokenizer, batches, device, precision, world_
     if side == "hf":
         cfg.model.attn_implementation = "sdpa"
         trainable_setting, cfg.model.trainable = cfg.model.trainable, "frozen"
+    if side.startswith("frozen-"):
+        cfg.model.frozen_dtype = side.removeprefix("frozen-")
     with torch.device("cpu" if side.startswith("fsdp") else device):  # shard_model places the shards
-        model = build(cfg, tokenizer, args.shape)
+        model = build(cfg, tokenizer, args.shape, device)
     model.train()
     autocast, scaler = precision.autocast(device.type), precision.scaler(device.type)
     if side != "hf":  # this repository's step: single process, or under one of the --parallel wrappers
@@ -206,6 +213,7 @@ def run_side(side: str, args, cfg, tokenizer, batches, device, precision, world_
     result["mfu"] = (result["tokens_per_s"] / world_size * flops_per_token(model, int(mean_len)) / peak
                      if peak else None)
     result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result["frozen_bytes"] = frozen_bytes_by_dtype(model)  # by storage: what the frozen base costs
     return result
 
 
@@ -230,9 +238,13 @@ def main() -> None:
     parser.add_argument("--parallel", default=None,
                         help=f"comma-separated wrappers to compare under torchrun, each a side: {', '.join(PARALLEL)} "
                              "(replaces the baseline)")
+    parser.add_argument("--frozen-dtype", default=None,
+                        help="lora: the frozen base's storage (default: the --precision dtype); comma-separated to "
+                             "compare, each a side, e.g. fp16,nf4 (NF4 needs requirements-quant.txt; a list or nf4 "
+                             "replaces the baseline)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parse_args(parser)
-    sides = parallel_sides(args.parallel) if args.parallel else ["ours"] + ([] if args.no_baseline else ["hf"])
+    sides = choose_sides(args)
     rank, _, world_size, device = setup_distributed(1800)
     if world_size > 1 and not args.parallel:
         raise ConfigError("under torchrun give --parallel (e.g. --parallel ddp,fsdp): the baseline runs in one process")
@@ -240,6 +252,8 @@ def main() -> None:
                                                                            f"train.precision={args.precision}"]
     if args.setting == "lora" and args.precision != "fp32":
         overrides.append(f"model.frozen_dtype={args.precision}")
+    if args.frozen_dtype and len(frozen_dtypes(args.frozen_dtype)) == 1:
+        overrides.append(f"model.frozen_dtype={frozen_dtypes(args.frozen_dtype)[0]}")
     cfg = load_config(args.config, overrides + args.overrides)
     attention = configure_attention(device)
     precision = run_precision(cfg, device)  # train.py's precision and its start-up check
@@ -274,6 +288,28 @@ def main() -> None:
     if rank == 0:
         print_results(record, results, args.out)
     end_distributed(world_size)
+
+
+def frozen_dtypes(text: str) -> list[str]:
+    return [dtype.strip() for dtype in text.split(",") if dtype.strip()]
+
+
+def choose_sides(args) -> list[str]:
+    """ours and hf; or the --parallel wrappers; or one side per --frozen-dtype (with nf4 or several)."""
+    if args.frozen_dtype:
+        if args.setting != "lora":
+            raise ConfigError("--frozen-dtype is for --setting lora (full fine-tuning has no frozen base)")
+        dtypes = frozen_dtypes(args.frozen_dtype)
+        unknown = [dtype for dtype in dtypes if dtype not in FROZEN_DTYPES]
+        if unknown or not dtypes:
+            raise ConfigError(f"--frozen-dtype {args.frozen_dtype}: give dtypes from {', '.join(FROZEN_DTYPES)}")
+        if args.parallel and len(dtypes) > 1:
+            raise ConfigError("compare either wrappers (--parallel) or frozen dtypes (--frozen-dtype a,b), one per run")
+        if len(dtypes) > 1 or dtypes == ["nf4"]:
+            return [f"frozen-{dtype}" for dtype in dtypes]
+    if args.parallel:
+        return parallel_sides(args.parallel)
+    return ["ours"] + ([] if args.no_baseline else ["hf"])
 
 
 def parallel_sides(text: str) -> list[str]:

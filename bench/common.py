@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from checkpoint import CheckpointError  # noqa: E402
 from clips import DataError  # noqa: E402
@@ -56,11 +57,17 @@ def run(main: Callable[[], None]) -> None:
     sys.exit(code)
 
 
-def build(cfg, tokenizer, shape: str):
+def build(cfg, tokenizer, shape: str, device: Optional[torch.device] = None):
+    """The model of `shape` as the scripts build it; `device`: where the run computes (an NF4 base is quantised
+    there)."""
     torch.manual_seed(cfg.train.seed)
-    if SHAPES[shape] is None:
-        return build_model(cfg, tokenizer)
-    return build_model_from_config_dict(SHAPES[shape], tokenizer, cfg)
+    if SHAPES[shape] is None and cfg.model.frozen_dtype != "nf4":
+        return build_model(cfg, tokenizer, device)
+    config = SHAPES[shape] or AutoConfig.from_pretrained(cfg.model.path, local_files_only=True).to_dict()
+    # Random weights stand for a pretrained base. The scripts refuse an NF4 base over model.init=scratch because
+    # a checkpoint would have to hold it; a benchmark saves nothing.
+    cfg.model.init = "pretrained"
+    return build_model_from_config_dict(config, tokenizer, cfg, device)
 
 
 def device_facts(device: torch.device) -> dict:

