@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +392,64 @@ needs_real_weights = pytest.mark.skipif(
 def smollm2_dir(tmp_path_factory) -> Path:
     import backbones
     return backbones.import_gguf(tmp_path_factory.mktemp("smollm2"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A small DOM of an HTML page (report.html, curves.html), as a browser would parse it
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict, parent: "Node | None"):
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list[Node] = []
+        self.texts: list[str] = []
+
+    def iter(self):
+        yield self
+        for child in self.children:
+            yield from child.iter()
+
+    def find_all(self, tag: str | None = None, cls: str | None = None) -> list["Node"]:
+        return [n for n in self.iter() if (tag is None or n.tag == tag)
+                and (cls is None or cls in n.attrs.get("class", "").split())]
+
+    def text(self) -> str:
+        return "".join(self.texts) + "".join(child.text() for child in self.children)
+
+
+class DomParser(HTMLParser):
+    VOID = {"meta", "br", "img", "input", "hr", "link"}
+
+    def __init__(self):
+        super().__init__()
+        self.root = self.current = Node("document", {}, None)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, {k: v or "" for k, v in attrs}, self.current)
+        self.current.children.append(node)
+        if tag not in self.VOID:
+            self.current = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.current.children.append(Node(tag, {k: v or "" for k, v in attrs}, self.current))
+
+    def handle_endtag(self, tag):
+        node = self.current
+        while node is not None and node.tag != tag:
+            node = node.parent
+        if node is not None and node.parent is not None:
+            self.current = node.parent
+
+    def handle_data(self, data):
+        self.current.texts.append(data)
+
+
+def parse(page: str) -> Node:
+    parser = DomParser()
+    parser.feed(page)
+    return parser.root
+
+
+def table_rows(table: Node) -> list[list[str]]:
+    """Body rows (cells are <td>) as stripped texts."""
+    return [[td.text().strip() for td in tr.find_all("td")] for tr in table.find_all("tr") if tr.find_all("td")]

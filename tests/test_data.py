@@ -533,18 +533,21 @@ def test_show_json(tmp_path, sample_clip, tokenizer_dir, capsys):
     assert "'[DST]'" in dump and "dst:'</s>'" in dump and "asst:'</s>'" in dump
 
 
-def test_make_demo_cli_deterministic_and_valid(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], cwd=ROOT, capture_output=True, text=True)
-    for out in ("a", "b"):
-        r = run("make-demo", "--out", str(tmp_path / out), "--videos", "6")
-        assert r.returncode == 0, r.stderr
+def test_make_demo_cli_deterministic_and_valid(tmp_path, capsys):
+    """The command line itself once (a subprocess), then in process: the same bytes, and validate finds nothing."""
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "make-demo", "--out", str(tmp_path / "a"), "--videos", "6"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert data.main(["make-demo", "--out", str(tmp_path / "b"), "--videos", "6"]) == 0
     for split in ("train.json", "val.json", "test.json"):
         assert (tmp_path / "a" / split).read_bytes() == (tmp_path / "b" / split).read_bytes()
     (tmp_path / "demo.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text())
-    r = run("validate", str(tmp_path / "demo.yaml"), f"data.root={tmp_path / 'a'}", f"model.path={tmp_path / 'a' / 'model'}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 error(s)" in r.stdout
+    capsys.readouterr()
+    code = data.main(["validate", str(tmp_path / "demo.yaml"), f"data.root={tmp_path / 'a'}",
+                      f"model.path={tmp_path / 'a' / 'model'}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "0 error(s)" in out
 
 
 def test_dataset_refuses_missing_frames_before_training(tmp_path, sample_clip, tokenizer_dir):

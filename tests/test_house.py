@@ -96,3 +96,15 @@ def test_the_training_script_reads_in_place():
     for script in ("train.py", "evaluate.py"):
         crowded = [(name, n) for name, _, n in functions(ROOT / script) if n > LIMITS["parameters"]]
         assert not crowded, f"{script}: functions taking more than {LIMITS['parameters']} parameters: {crowded}"
+
+
+def test_tests_share_helpers_only_through_conftest():
+    """A test file imports no other test file: what several of them need lives in conftest.py."""
+    test_files = {path.stem for path in (ROOT / "tests").glob("test_*.py")}
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            found += [f"{path.name}:{node.lineno} imports {name}" for name in names if name in test_files]
+    assert not found

@@ -20,10 +20,9 @@ import evaluate
 import judge
 from clips import load_split
 from config import load_config
-from conftest import ROOT, SAMPLE_CLIP, needs_real_weights, write_tokenizer
+from conftest import ROOT, SAMPLE_CLIP, needs_real_weights, parse, table_rows, write_tokenizer
 import report
 from report import JUDGE_BEGIN, JUDGE_END, markdown_summary
-from test_report import parse, table_rows
 
 DATA = ROOT / "tests" / "data"
 

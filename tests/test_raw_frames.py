@@ -22,7 +22,7 @@ import demo  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 from backbones import FrameEncoder, build_frame_encoder, load_vlm, pooled_tokens  # noqa: E402
-from checkpoint import load_for_inference, load_model_tensors, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointMeta, load_for_inference, load_model_tensors, save_checkpoint  # noqa: E402
 from clips import DataError, load_split  # noqa: E402
 from config import load_config  # noqa: E402
 from conftest import FRAME_SIZE, ROOT, TINY_VISION, run_train, write_tiny_vlm  # noqa: E402
@@ -387,7 +387,8 @@ def test_raw_frames_checkpoint_reloads_and_streams(raw_demo, tiny_vlm, tmp_path,
     rng = ({"torch": torch.get_rng_state()}, {"python": [3, [0] * 625, None], "numpy": np.random.get_state(legacy=False)})
     rng[1]["numpy"]["state"]["key"] = rng[1]["numpy"]["state"]["key"].tolist()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    ckpt = save_checkpoint(tmp_path, 2, tensors, optimizer, {"step": 2}, cfg, tokenizer, model.backbone.config, [rng], 2)
+    meta = CheckpointMeta({"step": 2}, tokenizer, model.backbone.config, [rng])
+    ckpt = save_checkpoint(tmp_path, 2, tensors, optimizer, cfg, meta, keep_last=2)
     assert set(load_model_tensors(ckpt)) == set(tensors)
 
     reloaded, tokenizer2, cfg2 = load_for_inference(ckpt)

@@ -203,8 +203,8 @@ class Cfg:
         pass
 p = torch.nn.Parameter(torch.ones(3))
 opt = torch.optim.AdamW([p])
-checkpoint.save_checkpoint({run!r}, 7, {{"w": p.detach()}}, opt, {{"step": 7}}, Config(), Tok(), Cfg(),
-                           [checkpoint.rng_state()], keep_last=3)
+meta = checkpoint.CheckpointMeta({{"step": 7}}, Tok(), Cfg(), [checkpoint.rng_state()])
+checkpoint.save_checkpoint({run!r}, 7, {{"w": p.detach()}}, opt, Config(), meta, keep_last=3)
 """
 
 
@@ -326,6 +326,7 @@ def test_half_precision_keeps_fp32_weights_and_optimizer_states(demo_dir, tmp_pa
     assert saved["backbone.model.layers.0.mlp.up_proj.base.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.slow  # the default suite trains the full demo to the README's figures (test_demo_learns)
 def test_demo_training_reduces_every_loss(demo_dir, tmp_path):
     """A short demo run: each loss component falls well below its start (the full demo is in the README)."""
     run_dir = tmp_path / "learn"

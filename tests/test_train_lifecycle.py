@@ -257,7 +257,7 @@ def test_fp16_with_grad_scaler_on_cpu(demo_dir, tmp_path):
     """The Titan RTX path (fp16 autocast + GradScaler), run on the CPU: the scaler's state is checkpointed and
     restored, weights and optimizer states stay fp32, and the loss falls."""
     run_dir = tmp_path / "fp16"
-    extra = {"train.precision": "fp16", "train.max_steps": 12, "train.save_every": 6, "train.micro_batch": 4,
+    extra = {"train.precision": "fp16", "train.max_steps": 12, "train.save_every": 6, "train.micro_batch": 2,
              "optim.lr": 3e-3, "train.log_every": 1}
     first = run_train(tiny_overrides(demo_dir, run_dir, **{**extra, "train.max_steps": 6}))
     assert "with a GradScaler" in first.stdout
