@@ -24,6 +24,7 @@ from clips import unclamped_frame  # noqa: E402  (the repository root is on the 
 from config import Config  # noqa: E402
 from model import build_model_from_config_dict  # noqa: E402
 from sequence import load_tokenizer, new_token_ids  # noqa: E402
+import train  # noqa: E402
 
 SAMPLE_CLIP = ROOT / "tests" / "data" / "prospect_sample_clip.json"
 
@@ -121,6 +122,20 @@ def run_train(overrides: list[str], nproc: int = 1, check: bool = True, threads:
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def train_in_process(overrides: list[str], capsys) -> tuple[int, str, str]:
+    """train.py's main in this process: (exit code, stdout, stderr). For runs that end before training starts
+    (refusals, "nothing to do"), which print the same as `run_train` without a new interpreter's start-up.
+    The environment is put back afterwards (train.py sets the CUDA allocator variable)."""
+    environment = dict(os.environ)
+    try:
+        code = train.main([str(ROOT / "configs" / "demo.yaml"), *overrides])
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    seen = capsys.readouterr()
+    return code, seen.out, seen.err
 
 
 def train_records(run_dir: Path) -> dict[int, dict]:

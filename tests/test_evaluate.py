@@ -14,7 +14,7 @@ import stream
 from checkpoint import load_for_inference
 from clips import load_split
 from config import load_config
-from conftest import SAMPLE_CLIP, demo_config, run_train, tiny_overrides, write_proassist_features
+from conftest import SAMPLE_CLIP, demo_config, run_train, tiny_overrides, train_in_process, write_proassist_features
 from data import ClipDataset, collate, model_inputs
 from frames import FrameStore
 from sequence import Renderer
@@ -158,7 +158,7 @@ def test_repetition_guard():
     assert repeats([7, 7, 7, 7], 2)
 
 
-def test_half_stored_frozen_weights_evaluate_on_cpu(demo_dir, tmp_path):
+def test_half_stored_frozen_weights_evaluate_on_cpu(demo_dir, tmp_path, capsys):
     """A LoRA run with bf16-stored frozen weights (trained under bf16 autocast) evaluates on CPU in fp32."""
     run_dir = tmp_path / "lora_bf16"
     run_train(tiny_overrides(demo_dir, run_dir, **{
@@ -169,6 +169,6 @@ def test_half_stored_frozen_weights_evaluate_on_cpu(demo_dir, tmp_path):
                           "--out", str(out), "eval.max_new_tokens=3", "eval.max_dst_tokens=3"]) == 0
     assert json.loads((out / "metrics.json").read_text())["num_frames"] > 0
     # ... and training with half-stored frozen weights but fp32 compute is refused up front.
-    result = run_train(tiny_overrides(demo_dir, tmp_path / "bad", **{"model.frozen_dtype": "fp16",
-                                                                     "model.trainable": "lora"}), check=False)
-    assert result.returncode == 1 and "needs fp16/bf16 compute" in result.stderr
+    code, _, err = train_in_process(tiny_overrides(demo_dir, tmp_path / "bad", **{"model.frozen_dtype": "fp16",
+                                                                               "model.trainable": "lora"}), capsys)
+    assert code == 1 and "needs fp16/bf16 compute" in err

@@ -204,9 +204,7 @@ def val_record(run_dir: Path) -> dict:
                 if json.loads(line)["kind"] == "val")
 
 
-# LoRA under FSDP is also checked in process, against the unsharded model (test_sharded_model_trains_like_the_
-# unsharded_one); its train.py run against DDP is slow-marked to keep the default suite's time.
-@pytest.mark.parametrize("trainable", ["full", pytest.param("lora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("trainable", ["full", "lora"])
 def test_fsdp_training_equals_ddp(trainable, demo_dir, tmp_path):
     """Per-step losses and pre-clip gradient norms to 1e-5 over 6 steps (clipping active), the validation
     record, and the final weights: FSDP (gradients summed over ranks) = DDP (averaged, loss x world size)."""

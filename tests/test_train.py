@@ -339,9 +339,3 @@ def test_demo_training_reduces_every_loss(demo_dir, tmp_path):
     curves = (run_dir / "curves.html").read_text()
     assert curves.count("<polyline") >= 7 and "training losses" in curves
 
-
-def test_resume_never_refuses_to_clobber(demo_dir, tmp_path):
-    run_dir = tmp_path / "r"
-    run_train(tiny_overrides(demo_dir, run_dir))
-    result = run_train(tiny_overrides(demo_dir, run_dir, **{"train.resume": "never"}), check=False)
-    assert result.returncode == 1 and "already holds checkpoints" in result.stderr

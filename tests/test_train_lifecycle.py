@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import distributed
 import evaluate
-from conftest import PY, ROOT, run_train, start_train, tiny_overrides, train_records, wait_for_step
+from conftest import PY, ROOT, run_train, start_train, tiny_overrides, train_in_process, train_records, wait_for_step
 from validation import validation_subset
 
 
@@ -100,36 +100,41 @@ def test_a_killed_launcher_ends_its_workers_with_a_checkpoint(demo_dir, tmp_path
     assert list(run_dir.glob("step_*")), "the workers did not save before exiting"
 
 
-def test_resume_with_another_split_of_the_same_clips_per_step(demo_dir, tmp_path):
+RESUMED = {"train.max_steps": 6, "train.save_every": 3}
+
+
+@pytest.fixture(scope="module")
+def straight_records(demo_dir, tmp_path_factory) -> dict[int, dict]:
+    """6 steps of one process with 1 clip x 4 accumulation, never interrupted: what every resume must equal."""
+    straight = tmp_path_factory.mktemp("straight")
+    run_train(tiny_overrides(demo_dir, straight, **RESUMED, **{"train.grad_accum": 4}))
+    return train_records(straight)
+
+
+def test_resume_with_another_split_of_the_same_clips_per_step(demo_dir, tmp_path, straight_records, capsys):
     """1 x 4 accumulation, resumed as 2 x 2: the same clips per step, so the same losses (to float summation
     order); a different number of clips per step is refused with the arithmetic spelled out."""
-    common = {"train.max_steps": 6, "train.save_every": 3}
-    straight = tmp_path / "straight"
-    run_train(tiny_overrides(demo_dir, straight, **common, **{"train.grad_accum": 4}))
     split = tmp_path / "split"
     run_train(tiny_overrides(demo_dir, split, **{"train.max_steps": 3, "train.grad_accum": 4}))
-    resumed = run_train(tiny_overrides(demo_dir, split, **common, **{"train.micro_batch": 2, "train.grad_accum": 2}))
+    resumed = run_train(tiny_overrides(demo_dir, split, **RESUMED, **{"train.micro_batch": 2, "train.grad_accum": 2}))
     assert "batch split 1x1x4 -> 1x2x2, the same 4 clips per step" in resumed.stdout
-    ra, rb = train_records(straight), train_records(split)
+    ra, rb = straight_records, train_records(split)
     for step in range(1, 7):
         assert rb[step]["loss"] == pytest.approx(ra[step]["loss"], rel=1e-4), step
         assert rb[step]["n_asst"] == ra[step]["n_asst"], step
-    refused = run_train(tiny_overrides(demo_dir, split, **{"train.max_steps": 8, "train.grad_accum": 3}), check=False)
-    assert refused.returncode == 1 and "saved with 4 clips per optimizer step" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    code, _, err = train_in_process(tiny_overrides(demo_dir, split, **{"train.max_steps": 8, "train.grad_accum": 3}),
+                                    capsys)
+    assert code == 1 and "saved with 4 clips per optimizer step" in err
 
 
-def test_resume_on_fewer_ranks_continues_with_the_same_clips(demo_dir, tmp_path):
+def test_resume_on_fewer_ranks_continues_with_the_same_clips(demo_dir, tmp_path, straight_records):
     """2 gloo ranks x 1 clip x 2 accumulation, resumed by one process with 4 accumulation steps: the same 4 clips
     per step, so the same losses and target counts as a run that was one process throughout."""
-    common = {"train.max_steps": 6, "train.save_every": 3}
-    straight = tmp_path / "straight"
-    run_train(tiny_overrides(demo_dir, straight, **common, **{"train.grad_accum": 4}))
     ranks = tmp_path / "ranks"
     run_train(tiny_overrides(demo_dir, ranks, **{"train.max_steps": 3, "train.grad_accum": 2}), nproc=2)
-    resumed = run_train(tiny_overrides(demo_dir, ranks, **common, **{"train.grad_accum": 4}))
+    resumed = run_train(tiny_overrides(demo_dir, ranks, **RESUMED, **{"train.grad_accum": 4}))
     assert "batch split 2x1x2 -> 1x1x4, the same 4 clips per step" in resumed.stdout
-    ra, rb = train_records(straight), train_records(ranks)
+    ra, rb = straight_records, train_records(ranks)
     for step in range(1, 7):
         assert rb[step]["loss"] == pytest.approx(ra[step]["loss"], rel=1e-4), step
         assert [rb[step][f"n_{k}"] for k in ("asst", "dst", "speak_pos")] == [ra[step][f"n_{k}"] for k in ("asst", "dst", "speak_pos")]
@@ -270,10 +275,11 @@ def test_fp16_with_grad_scaler_on_cpu(demo_dir, tmp_path):
     assert records[12]["loss"] < 0.8 * records[1]["loss"]
 
 
-def test_what_the_user_sees(demo_dir, tmp_path):
+def test_what_the_user_sees(demo_dir, tmp_path, capsys):
     """Short log lines with the same loss names as metrics.jsonl, no carriage returns when not on a terminal,
     no config dump on the console, a quiet 'nothing to do', checkpoint records; errors name the fix; a failed
-    start leaves no run folder; raising max_steps says what happens to the schedule."""
+    start leaves no run folder; raising max_steps says what happens to the schedule; train.resume=never refuses
+    a run directory that holds checkpoints instead of rotating them away."""
     run_dir = tmp_path / "logs"
     first = run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 4, "train.log_every": 2,
                                                             "train.save_every": 2}))
@@ -285,17 +291,19 @@ def test_what_the_user_sees(demo_dir, tmp_path):
     kinds = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("checkpoint") == 2
 
-    again = run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 4}))
-    assert again.stdout.strip().splitlines() == [f"nothing to do: {run_dir / 'step_4'} is at step 4 >= train.max_steps=4"]
+    code, out, _ = train_in_process(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 4}), capsys)
+    assert code == 0 and out.strip().splitlines() == [
+        f"nothing to do: {run_dir / 'step_4'} is at step 4 >= train.max_steps=4"]
+    code, _, err = train_in_process(tiny_overrides(demo_dir, run_dir, **{"train.resume": "never"}), capsys)
+    assert code == 1 and "already holds checkpoints" in err and "train.resume=auto" in err
 
     longer = run_train(tiny_overrides(demo_dir, run_dir, **{"train.max_steps": 6}))
     assert "train.max_steps changed from 4 to 6" in longer.stdout
 
-    missing = run_train(tiny_overrides(demo_dir, tmp_path / "other", **{"train.resume": str(run_dir / "step_5")}),
-                        check=False)
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert "step_4" in missing.stderr and "step_6" in missing.stderr  # it lists what exists
+    code, _, err = train_in_process(
+        tiny_overrides(demo_dir, tmp_path / "other", **{"train.resume": str(run_dir / "step_5")}), capsys)
+    assert code == 1 and "step_4" in err and "step_6" in err  # it lists what exists
     assert not (tmp_path / "other").exists()  # a failed start leaves no empty run folder
 
-    bad_data = run_train(tiny_overrides(demo_dir, tmp_path / "bad", **{"data.train": "nope.json"}), check=False)
-    assert bad_data.returncode == 1 and "nope.json" in bad_data.stderr and not (tmp_path / "bad").exists()
+    code, _, err = train_in_process(tiny_overrides(demo_dir, tmp_path / "bad", **{"data.train": "nope.json"}), capsys)
+    assert code == 1 and "nope.json" in err and not (tmp_path / "bad").exists()
