@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat modules
 
 import model as model_module  # noqa: E402
 from conftest import (  # noqa: E402
-    CLIP, HIDDEN, LAYERS, SENTENCES, SHORT_CLIP, all_positions, ids_of, llama_dict, make_batch, make_cfg,
-    perturb_trainable, tiny_model, training_step,
+    CLIP, HIDDEN, LAYERS, SENTENCES, SHORT_CLIP, all_positions, assert_compiled_equals_eager, ids_of, llama_dict,
+    make_batch, make_cfg, perturb_trainable, tiny_model, training_step,
 )
 from sequence import IGNORE, new_token_ids  # noqa: E402
 from model import (  # noqa: E402
@@ -561,17 +561,5 @@ def test_compiled_layers_equal_eager_with_checkpointing(tokenizer, base_vocab):
         m.train()
     assert model_module.compile_decoder_layers(compiled) == LAYERS
     for clips in ((CLIP, SHORT_CLIP), (CLIP,)):
-        batch = make_batch(tokenizer, clips=clips)
-        results = []
-        for m in (eager, compiled):
-            m.zero_grad(set_to_none=True)
-            out = m(**batch)
-            (out["text_logits"].logsumexp(-1).sum() + out["speak_logits"].sum()).backward()
-            results.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
-        (out_e, grads_e), (out_c, grads_c) = results
-        for key in ("text_logits", "speak_logits", "dst_logits"):
-            torch.testing.assert_close(out_c[key], out_e[key], rtol=1e-4, atol=1e-5)
-        assert grads_c.keys() == grads_e.keys()
-        for name in grads_e:
-            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-3, atol=1e-5, msg=name)
+        assert_compiled_equals_eager(eager, compiled, make_batch(tokenizer, clips=clips))
     assert activation_checkpointing_active(compiled)

@@ -31,8 +31,8 @@ from model import (  # noqa: E402
 from sequence import load_tokenizer  # noqa: E402
 from validation import evaluate_loss  # noqa: E402
 from conftest import (  # noqa: E402
-    CLIP, LAYERS, ROOT, all_positions, llama_dict, make_batch, make_cfg, needs_real_weights, perturb_trainable,
-    run_train, tiny_overrides, train_records, training_step,
+    CLIP, LAYERS, ROOT, all_positions, assert_compiled_equals_eager, llama_dict, make_batch, make_cfg,
+    needs_real_weights, perturb_trainable, run_train, tiny_overrides, train_records, training_step,
 )
 
 has_torchao = importlib.util.find_spec("torchao") is not None
@@ -367,18 +367,7 @@ def test_compiled_decoder_layers_with_nf4_equal_eager(tokenizer, base_vocab):
         models.append(m)
     eager, compiled = models
     assert compile_decoder_layers(compiled) == LAYERS
-    batch = make_batch(tokenizer)
-    results = []
-    for m in (eager, compiled):
-        out = m(**batch)
-        (out["text_logits"].logsumexp(-1).sum() + out["speak_logits"].sum()).backward()
-        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (out_e, grads_e), (out_c, grads_c) = results
-    for key in ("text_logits", "speak_logits", "dst_logits"):
-        torch.testing.assert_close(out_c[key], out_e[key], rtol=1e-4, atol=1e-5)
-    assert grads_c.keys() == grads_e.keys()
-    for name in grads_e:
-        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert_compiled_equals_eager(eager, compiled, make_batch(tokenizer))
 
 
 class LoRAMLP(nn.Module):
